@@ -1,0 +1,1 @@
+"""Parquet store of teacher responses, failures and runs, queried through DuckDB."""
