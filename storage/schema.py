@@ -15,11 +15,13 @@ lists with offsets, without a dict per alternative.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 1
 """Version written into every file's metadata under ``kd.schema_version``."""
@@ -285,3 +287,87 @@ def with_table_metadata(table: pa.Table, kind: str) -> pa.Table:
     metadata[SCHEMA_VERSION_KEY] = str(SCHEMA_VERSION).encode()
     metadata[TABLE_KIND_KEY] = kind.encode()
     return table.replace_schema_metadata(metadata)
+
+
+def validate_table(table: pa.Table, kind: str) -> None:
+    """Raise ``ValueError`` unless ``table`` can be written as a ``kind`` table file.
+
+    The schema must be exactly ``TABLE_SCHEMAS[kind]``: names, types and nullability,
+    nested fields included, with metadata ignored. The arrays must be internally
+    consistent, and no non-nullable field, nested or not, may contain a NULL. Run it
+    before every write, because Parquet accepts a NULL under a non-nullable nested
+    field and the file then fails on read with an unrelated offsets error.
+    """
+    expected = TABLE_SCHEMAS[kind]
+    if not table.schema.equals(expected, check_metadata=False):
+        difference = _schema_diff(table.schema, expected)
+        raise ValueError(f"{kind} table does not match the store schema: {difference}")
+    table.validate(full=True)
+    for index in _columns_with_non_nullable(kind):
+        schema_field = table.schema.field(index)
+        for chunk in table.column(index).chunks:
+            _check_not_null(chunk, schema_field, schema_field.name)
+
+
+@functools.cache
+def _columns_with_non_nullable(kind: str) -> tuple[int, ...]:
+    """Return the indices of ``kind``'s columns that contain a non-nullable field."""
+    schema = TABLE_SCHEMAS[kind]
+    return tuple(i for i, schema_field in enumerate(schema) if _has_non_nullable(schema_field))
+
+
+def _has_non_nullable(schema_field: pa.Field) -> bool:
+    """Return whether a field or any field nested in it is non-nullable."""
+    if not schema_field.nullable:
+        return True
+    field_type = schema_field.type
+    if pa.types.is_struct(field_type):
+        return any(_has_non_nullable(child) for child in field_type)
+    if pa.types.is_list(field_type) or pa.types.is_large_list(field_type):
+        return _has_non_nullable(field_type.value_field)
+    return False
+
+
+def _schema_diff(actual: pa.Schema, expected: pa.Schema) -> str:
+    problems = []
+    for expected_field in expected:
+        index = actual.get_field_index(expected_field.name)
+        if index < 0:
+            problems.append(f"column {expected_field.name!r} is missing")
+            continue
+        actual_field = actual.field(index)
+        if not actual_field.equals(expected_field):
+            problems.append(
+                f"column {expected_field.name!r} is {actual_field.type}"
+                f"{'' if actual_field.nullable else ' not null'}, expected {expected_field.type}"
+            )
+    extra = [name for name in actual.names if expected.get_field_index(name) < 0]
+    if extra:
+        problems.append(f"unexpected columns {extra}")
+    if not problems and actual.names != expected.names:
+        problems.append(f"columns are in the order {actual.names}, expected {expected.names}")
+    return "; ".join(problems) or "nested field nullability differs"
+
+
+def _check_not_null(array: pa.Array, schema_field: pa.Field, path: str) -> None:
+    """Raise when a non-nullable field, at any depth, contains a NULL.
+
+    A NULL in a child of a NULL struct is allowed: the struct itself is absent.
+    """
+    if not schema_field.nullable and array.null_count:
+        raise ValueError(f"field {path!r} is not nullable but contains {array.null_count} NULLs")
+    field_type = schema_field.type
+    if pa.types.is_struct(field_type):
+        for index in range(field_type.num_fields):
+            child_field = field_type.field(index)
+            child = array.field(index)
+            if not child_field.nullable:
+                nulls = pc.sum(pc.and_(pc.is_null(child), pc.is_valid(array))).as_py() or 0
+                if nulls:
+                    raise ValueError(
+                        f"field '{path}.{child_field.name}' is not nullable but contains {nulls} NULLs"
+                    )
+            nullable_view = pa.field(child_field.name, child_field.type, nullable=True)
+            _check_not_null(child, nullable_view, f"{path}.{child_field.name}")
+    elif pa.types.is_list(field_type) or pa.types.is_large_list(field_type):
+        _check_not_null(array.flatten(), field_type.value_field, f"{path}[]")

@@ -1,0 +1,673 @@
+"""The Parquet store: layout, single-writer lock, batched writer and crash recovery.
+
+Layout under the store root::
+
+    store.json     schema version and the ordered list of applied migrations
+    .lock          the writer lock (fcntl), holding the holder's pid for messages
+    responses/     finished part-*.parquet files only
+    failures/      finished part-*.parquet files only
+    runs/          <run_id>.parquet, one file per run, replaced as its status changes
+    journal/       write-ahead journal segments of rows not yet in Parquet
+    quarantine/    damaged files set aside by ``pipeline check``
+
+One writer at a time: :meth:`Store.lock` takes an exclusive, non-blocking
+``fcntl.flock`` on ``.lock``. A second harvest on the same store stops at once with
+:class:`StoreLockedError` naming the holder. The kernel releases the lock when the
+holder exits, even on ``kill -9``, so a dead writer never leaves a stale lock.
+Readers take no lock.
+
+Exactly once: a row is journaled before :meth:`StoreWriter.add_response` returns,
+and a batch is committed by writing ``part-<segment>.parquet`` under a hidden partial
+name, renaming it into place and only then deleting the segment's journal. After any
+crash, :meth:`Store.recover` replays a journal only if its Parquet file does not
+exist, and skips request_ids that are already stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DamagedFileError, StoreError, StoreLockedError
+from storage.catalog import (
+    STORE_METADATA_FILE,
+    TABLES,
+    is_partial_name,
+    list_table_files,
+    read_store_metadata,
+)
+from storage.journal import (
+    JournalFile,
+    JournalSegment,
+    list_journals,
+    journal_path,
+    part_file_name,
+    read_journal,
+    segment_id,
+    validate_run_id,
+)
+from storage.schema import (
+    SCHEMA_VERSION,
+    TABLE_SCHEMAS,
+    build_responses_table,
+    build_table,
+    validate_table,
+)
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+JOURNAL_DIR = "journal"
+QUARANTINE_DIR = "quarantine"
+LAYOUT_DIRS = (*TABLES, JOURNAL_DIR, QUARANTINE_DIR)
+QUARANTINE_REPORT = "report.jsonl"
+PARQUET_COMPRESSION = "zstd"
+
+
+# --- Files ----------------------------------------------------------------------------
+
+
+def fsync_directory(path: Path) -> None:
+    """Make renames and deletions inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_path(path: Path) -> Path:
+    """Return the hidden name a file is written under before it is renamed to ``path``."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` so that readers see the whole file or nothing.
+
+    The data goes to a hidden partial name (never matched by ``*.parquet``), is
+    fsynced, and is renamed into place with ``os.replace``.
+    """
+    partial = partial_path(path)
+    try:
+        pq.write_table(table, partial, compression=PARQUET_COMPRESSION)
+        fsync_file(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def quarantine_file(root: Path, path: Path, kind: str, reason: str) -> Path:
+    """Move a damaged file to ``quarantine/<kind>/`` and append the reason to the report.
+
+    The report, ``quarantine/report.jsonl``, has one JSON object per moved file.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target_dir = root / QUARANTINE_DIR / kind
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{stamp}-{path.name}"
+    os.replace(path, target)
+    fsync_directory(path.parent)
+
+    entry = {"file": str(path), "moved_to": str(target), "reason": reason, "at": stamp}
+    with (root / QUARANTINE_DIR / QUARANTINE_REPORT).open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    logger.warning("moved damaged file %s to %s: %s", path, target, reason)
+    return target
+
+
+def read_columns(path: Path, columns: list[str]) -> pa.Table:
+    """Read some columns of a Parquet file, raising :class:`DamagedFileError` if they are corrupt."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise DamagedFileError(
+            f"columns {columns} unreadable: {exc}; run `pipeline check --deep` to set the file aside",
+            path=str(path),
+        ) from exc
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    partial = partial_path(path)
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    fsync_file(partial)
+    os.replace(partial, path)
+    fsync_directory(path.parent)
+
+
+# --- Migrations -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One named, idempotent step that brings a store's layout up to date."""
+
+    name: str
+    apply: Callable[[Path], None]
+
+
+def _create_layout(root: Path) -> None:
+    for name in LAYOUT_DIRS:
+        (root / name).mkdir(exist_ok=True)
+
+
+# Applied in order; store.json records the names applied so far. Append new steps,
+# never reorder or rename old ones.
+MIGRATIONS: tuple[Migration, ...] = (Migration("0001_create_layout", _create_layout),)
+
+
+# --- Reports --------------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryReport:
+    """Outcome of :meth:`Store.recover`: segments replayed, rows recovered, files removed."""
+
+    journals_found: int = 0
+    journals_replayed: int = 0
+    journals_already_committed: int = 0
+    responses_recovered: int = 0
+    failures_recovered: int = 0
+    duplicates_skipped: int = 0
+    torn_tails: int = 0
+    partial_files_removed: int = 0
+    superseded_files_removed: int = 0
+    journals_quarantined: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(
+            self.journals_found or self.partial_files_removed or self.superseded_files_removed
+        )
+
+    def summary(self) -> str:
+        return (
+            f"recovered {self.responses_recovered} responses and {self.failures_recovered}"
+            f" failures from {self.journals_replayed} journal segments"
+            f" ({self.journals_already_committed} already committed,"
+            f" {self.duplicates_skipped} duplicate rows skipped, {self.torn_tails} torn tails);"
+            f" removed {self.partial_files_removed} partial and"
+            f" {self.superseded_files_removed} superseded files;"
+            f" quarantined {self.journals_quarantined} invalid journal segments"
+        )
+
+
+# --- Store ----------------------------------------------------------------------------
+
+
+class Store:
+    """A store directory: its layout, lock, writer and recovery.
+
+    ``Store(root)`` creates the layout and ``store.json`` when ``root`` is new or
+    empty, and applies pending migrations. With ``create=False`` a missing store is
+    an error. Writing (:meth:`writer`, :meth:`recover`) holds the exclusive lock,
+    taken on demand when the caller has not taken it with :meth:`lock`.
+    """
+
+    def __init__(self, root: str | Path, *, create: bool = True):
+        self.root = Path(root).resolve()
+        self._lock_fd: int | None = None
+        self._open_writers: set[str] = set()
+
+        if (self.root / STORE_METADATA_FILE).exists():
+            self._open_existing()
+        elif create:
+            self._create()
+        else:
+            raise StoreError(
+                f"no store at {self.root}: {STORE_METADATA_FILE} is missing;"
+                " pass the directory a harvest wrote with --store"
+            )
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- layout and migrations
+
+    def _create(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"cannot create a store at {self.root}: it is a file")
+        self.root.mkdir(parents=True, exist_ok=True)
+        unexpected = sorted(
+            p.name for p in self.root.iterdir() if p.name not in (*LAYOUT_DIRS, LOCK_FILE)
+        )
+        if unexpected:
+            raise StoreError(
+                f"cannot create a store in {self.root}: the directory is not empty"
+                f" (contains {', '.join(unexpected[:5])}) and has no {STORE_METADATA_FILE};"
+                " pass a new or empty directory"
+            )
+        with self.lock():
+            for migration in MIGRATIONS:
+                migration.apply(self.root)
+            now = _utc_now_iso()
+            self._write_metadata([{"name": m.name, "applied_at": now} for m in MIGRATIONS])
+        logger.info("created store at %s", self.root)
+
+    def _open_existing(self) -> None:
+        metadata = read_store_metadata(self.root)
+        applied = [step.get("name") for step in metadata.get("migrations", [])]
+        known = [m.name for m in MIGRATIONS]
+        if applied != known[: len(applied)]:
+            raise StoreError(
+                f"store {self.root} has migrations {applied}, this code knows {known};"
+                " it was written by another version of kd-pipeline: upgrade to use it"
+            )
+        pending = MIGRATIONS[len(applied) :]
+        if not pending:
+            return
+        with self.lock():
+            steps = list(metadata.get("migrations", []))
+            for migration in pending:
+                migration.apply(self.root)
+                steps.append({"name": migration.name, "applied_at": _utc_now_iso()})
+                self._write_metadata(steps)
+                logger.info("applied store migration %s to %s", migration.name, self.root)
+
+    def _write_metadata(self, steps: list[dict]) -> None:
+        _write_json_atomic(
+            self.root / STORE_METADATA_FILE,
+            {"format": "kd-store", "schema_version": SCHEMA_VERSION, "migrations": steps},
+        )
+
+    # -- lock
+
+    @property
+    def locked(self) -> bool:
+        """Whether this Store object holds the writer lock."""
+        return self._lock_fd is not None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the exclusive writer lock, or raise :class:`StoreLockedError` at once.
+
+        Non-blocking by design: a second harvest on the same store stops at once
+        instead of waiting. Re-entrant within one Store object, so nested ``lock()``
+        calls are free. Another Store object, even in the same process, is a separate
+        holder and gets :class:`StoreLockedError`.
+        """
+        if self._lock_fd is not None:
+            yield
+            return
+
+        self._lock_fd = self._acquire_lock()
+        try:
+            yield
+        finally:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)
+
+    def _acquire_lock(self) -> int:
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_lock_holder(fd)
+            os.close(fd)
+            raise StoreLockedError(
+                f"store {self.root} is locked by another writer ({holder}): only one"
+                " harvest or compaction may write to a store at a time. Wait for it to"
+                " finish or stop it. The lock is released as soon as that process exits,"
+                " even if it is killed"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _utc_now_iso()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        return fd
+
+    # -- reading
+
+    def stored_request_ids(self) -> set[str]:
+        """Return the request_ids in the readable responses files.
+
+        Reads only the request_id column. Rows still in a journal are not included:
+        call :meth:`recover` first. Raises :class:`DamagedFileError` for a file whose
+        footer is valid but whose request_id pages are not.
+        """
+        ids: set[str] = set()
+        for store_file in list_table_files(self.root, "responses").files:
+            column = read_columns(store_file.path, ["request_id"]).column(0)
+            ids.update(value for value in column.to_pylist() if value is not None)
+        return ids
+
+    # -- writing
+
+    def writer(
+        self, run_id: str, *, batch_rows: int = 256, batch_seconds: float = 5.0
+    ) -> StoreWriter:
+        """Open a writer for ``run_id``; it holds the store lock until it is closed."""
+        validate_run_id(run_id)
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+        if batch_seconds <= 0:
+            raise ValueError(f"batch_seconds must be positive, got {batch_seconds}")
+        if run_id in self._open_writers:
+            raise StoreError(f"a writer for run {run_id!r} is already open on {self.root}")
+
+        lock_stack = contextlib.ExitStack()
+        lock_stack.enter_context(self.lock())
+        self._open_writers.add(run_id)
+        return StoreWriter(
+            self, run_id, batch_rows=batch_rows, batch_seconds=batch_seconds, lock_stack=lock_stack
+        )
+
+    def _writer_closed(self, run_id: str) -> None:
+        self._open_writers.discard(run_id)
+
+    def write_run(self, run_row: dict[str, Any]) -> None:
+        """Write ``runs/<run_id>.parquet``, replacing the run's previous row atomically."""
+        run_id = validate_run_id(run_row.get("run_id"))
+        table = build_table("runs", [run_row])
+        validate_table(table, "runs")
+        write_parquet_atomic(table, self.root / "runs" / f"{run_id}.parquet")
+
+    # -- recovery
+
+    def recover(self) -> RecoveryReport:
+        """Commit journal segments left by a dead writer and remove leftover files.
+
+        Holds the lock. A segment whose Parquet file exists was committed before the
+        writer died, so its journal is only deleted. Other segments are written to
+        Parquet without the request_ids already stored, and a segment with invalid rows
+        is moved to ``quarantine/journal/``. Partial files and files superseded by a
+        compaction are removed. Safe to run again at any point, including after a
+        crash during recovery.
+        """
+        if self._open_writers:
+            raise StoreError(
+                f"cannot recover {self.root} while this process has open writers"
+                f" ({', '.join(sorted(self._open_writers))}): close them first"
+            )
+        report = RecoveryReport()
+        with self.lock():
+            self._remove_leftovers(report)
+            self._replay_journals(report)
+        if report.changed:
+            logger.info("store %s: %s", self.root, report.summary())
+        return report
+
+    def _remove_leftovers(self, report: RecoveryReport) -> None:
+        for table in TABLES:
+            listing = list_table_files(self.root, table)
+            for path in listing.partial:
+                path.unlink(missing_ok=True)
+                report.partial_files_removed += 1
+            for store_file in listing.superseded:
+                store_file.path.unlink(missing_ok=True)
+                report.superseded_files_removed += 1
+            if listing.partial or listing.superseded:
+                fsync_directory(self.root / table)
+        for path in self.root.iterdir():
+            if is_partial_name(path.name) and path.is_file():
+                path.unlink()
+                report.partial_files_removed += 1
+
+    def _replay_journals(self, report: RecoveryReport) -> None:
+        journal_dir = self.root / JOURNAL_DIR
+        journals = list_journals(journal_dir)
+        if not journals:
+            return
+        report.journals_found = len(journals)
+        stored_ids: set[str] | None = None
+
+        for journal in journals:
+            if journal.table not in ("responses", "failures"):
+                logger.warning("ignoring journal segment of unknown table: %s", journal.path)
+                continue
+            final = self.root / journal.table / part_file_name(journal.segment)
+            if final.exists():
+                report.journals_already_committed += 1
+                journal.path.unlink()
+                continue
+
+            table = self._read_replayable(journal, report)
+            if table is not None and journal.table == "responses":
+                if stored_ids is None:
+                    stored_ids = self.stored_request_ids()
+                table, skipped = _drop_stored_ids(table, stored_ids)
+                report.duplicates_skipped += skipped
+            if table is not None and table.num_rows:
+                write_parquet_atomic(table, final)
+                if journal.table == "responses":
+                    report.responses_recovered += table.num_rows
+                else:
+                    report.failures_recovered += table.num_rows
+            if journal.path.exists():
+                report.journals_replayed += 1
+                journal.path.unlink()
+        fsync_directory(journal_dir)
+
+    def _read_replayable(self, journal: JournalFile, report: RecoveryReport) -> pa.Table | None:
+        """Read a journal's complete rows; quarantine the segment if they are invalid."""
+        contents = read_journal(journal.path)
+        if contents.torn_tail:
+            report.torn_tails += 1
+            logger.info(
+                "journal %s ends in a torn row, which was ignored: %s", journal.path, contents.error
+            )
+        table = contents.table
+        if table is None:
+            return None
+        try:
+            if table.schema.equals(TABLE_SCHEMAS[journal.table], check_metadata=False):
+                validate_table(table, journal.table)
+            else:
+                # A segment written by an older schema version is replayed as it is;
+                # readers reconcile its schema like any older file.
+                table.validate(full=True)
+        except (ValueError, pa.ArrowException) as exc:
+            quarantine_file(self.root, journal.path, JOURNAL_DIR, f"invalid journal rows: {exc}")
+            report.journals_quarantined += 1
+            return None
+        return table
+
+
+def _drop_stored_ids(table: pa.Table, stored_ids: set[str]) -> tuple[pa.Table, int]:
+    """Drop rows whose request_id is stored or repeats an earlier row; update ``stored_ids``."""
+    keep = []
+    for request_id in table.column("request_id").to_pylist():
+        fresh = request_id is not None and request_id not in stored_ids
+        keep.append(fresh)
+        if fresh:
+            stored_ids.add(request_id)
+    kept = table.filter(pa.array(keep, type=pa.bool_()))
+    return kept, table.num_rows - kept.num_rows
+
+
+def _read_lock_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, json.JSONDecodeError):
+        return "holder unknown"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+
+
+def _utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- Writer ---------------------------------------------------------------------------
+
+
+class StoreWriter:
+    """Batched, journaled writer of one run's response and failure rows.
+
+    Each row is journaled before ``add_*`` returns, so it survives ``kill -9`` of this
+    process. Rows are committed to Parquet, one file per table per batch, on
+    :meth:`close` and when ``batch_rows`` rows (responses and failures together) are
+    pending or the oldest pending row is ``batch_seconds`` old. Both limits are checked
+    only when a row is added, so call :meth:`flush` when rows stop arriving. Not
+    thread-safe: use it from one thread or event loop.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        *,
+        batch_rows: int,
+        batch_seconds: float,
+        lock_stack: contextlib.ExitStack,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.run_id = run_id
+        self.batch_rows = batch_rows
+        self.batch_seconds = batch_seconds
+        self.responses_written = 0
+        """Rows accepted by :meth:`add_response`: journaled or committed to Parquet."""
+        self.failures_written = 0
+        """Rows accepted by :meth:`add_failure`: journaled or committed to Parquet."""
+
+        self._lock_stack = lock_stack
+        self._clock = clock
+        # A random 32-bit token keeps segment names unique across writers of the same
+        # run_id, so a resumed run does not reuse the name of a file a compaction
+        # replaced (a file named in kd.replaces is hidden from readers).
+        self._token = secrets.token_hex(4)
+        self._sequence = {"responses": 0, "failures": 0}
+        self._journals: dict[str, JournalSegment] = {}
+        self._pending: dict[str, list[pa.Table]] = {"responses": [], "failures": []}
+        self._pending_since: float | None = None
+        self._request_ids: set[str] = set()
+        self._duplicates_logged = False
+        self._closed = False
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(len(tables) for tables in self._pending.values())
+
+    def add_response(self, row: dict[str, Any]) -> None:
+        """Journal one response row; durable against a process kill once this returns.
+
+        Raises ``ValueError`` for a row without a request_id or one that does not fit
+        the schema; nothing is journaled then. A request_id this writer already added
+        is skipped with a warning, because the row is already stored.
+        """
+        request_id = row.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"response row needs a non-empty string request_id, got {request_id!r}")
+        if request_id in self._request_ids:
+            self._log_duplicate(request_id)
+            return
+        logprobs = row.get("logprobs")
+        if logprobs is not None:
+            logprobs.validate()
+
+        table = build_responses_table([row])
+        validate_table(table, "responses")
+        self._append("responses", table)
+        self._request_ids.add(request_id)
+        self.responses_written += 1
+        self._flush_if_due()
+
+    def add_failure(self, row: dict[str, Any]) -> None:
+        """Journal one failure row; durable against a process kill once this returns."""
+        table = build_table("failures", [row])
+        validate_table(table, "failures")
+        self._append("failures", table)
+        self.failures_written += 1
+        self._flush_if_due()
+
+    def flush(self) -> None:
+        """Commit pending rows: one Parquet file per table, then drop their journals."""
+        self._check_open()
+        for table_name, tables in self._pending.items():
+            if tables:
+                self._commit(table_name, tables)
+        self._pending_since = None
+
+    def close(self) -> None:
+        """Flush and release the store lock; safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            for journal in self._journals.values():
+                journal.close()
+            self.store._writer_closed(self.run_id)
+            self._lock_stack.close()
+
+    def _append(self, table_name: str, table: pa.Table) -> None:
+        self._check_open()
+        journal = self._journals.get(table_name)
+        if journal is None:
+            segment = self._segment(table_name)
+            path = journal_path(self.store.root / JOURNAL_DIR, segment, table_name)
+            journal = self._journals[table_name] = JournalSegment(path, table.schema)
+        journal.append(table)
+        self._pending[table_name].append(table)
+        if self._pending_since is None:
+            self._pending_since = self._clock()
+
+    def _flush_if_due(self) -> None:
+        if self.pending_rows >= self.batch_rows:
+            self.flush()
+        elif self._pending_since is not None and self._clock() - self._pending_since >= self.batch_seconds:
+            self.flush()
+
+    def _commit(self, table_name: str, tables: list[pa.Table]) -> None:
+        segment = self._segment(table_name)
+        table = pa.concat_tables(tables)
+        write_parquet_atomic(table, self.store.root / table_name / part_file_name(segment))
+
+        # The Parquet file is durable and in place; only now may the journal go.
+        journal = self._journals.pop(table_name)
+        journal.remove()
+        self._pending[table_name] = []
+        self._sequence[table_name] += 1
+        logger.debug("committed %d %s rows as segment %s", table.num_rows, table_name, segment)
+
+    def _segment(self, table_name: str) -> str:
+        return segment_id(self.run_id, self._token, self._sequence[table_name])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the writer for run {self.run_id!r} is closed")
+
+    def _log_duplicate(self, request_id: str) -> None:
+        if not self._duplicates_logged:
+            self._duplicates_logged = True
+            logger.warning(
+                "run %s added request_id %s twice; the repeat was skipped"
+                " (later repeats are skipped without a warning)",
+                self.run_id,
+                request_id,
+            )
