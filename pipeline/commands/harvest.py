@@ -1,0 +1,178 @@
+"""``pipeline harvest``: send every prompt to every teacher and store the responses.
+
+The command only collects flags, builds the validated config, runs the
+:class:`~pipeline.harvest.Harvester` and prints the summary. Exit status: 0 when every
+request ended in a stored response, 1 when some failed or some prompt lines were
+invalid, 2 for config and usage errors (nothing sent), 130 after SIGINT and 143 after
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+from pathlib import Path
+
+import anyio
+import click
+
+from pipeline.config import (
+    DEFAULT_API_KEY_ENV,
+    ENDPOINTS,
+    HarvestConfig,
+    HarvestFlags,
+    SamplingConfig,
+    build_harvest_config,
+)
+from pipeline.errors import ConfigError, StoreError
+from pipeline.harvest import SIGNAL_EXIT_CODES, HarvestResult, Harvester, dry_run
+from pipeline.harvest_rows import HarvestStats
+
+log = logging.getLogger(__name__)
+
+_DEFAULTS = HarvestConfig(prompts_path=Path(), store_path=Path(), teachers=())
+_SAMPLING = SamplingConfig()
+
+
+@click.command(
+    "harvest",
+    epilog="""\b
+Example:
+  pipeline harvest prompts/demo_stories.jsonl --store store/ \\
+      --base-url http://127.0.0.1:8400/v1 --model stories260k \\
+      --max-tokens 64 --top-logprobs 20 --samples 2 --seed 1
+  pipeline harvest prompts/demo_stories.jsonl --store store/ \\
+      --config prompts/teachers.example.toml
+""",
+)
+@click.argument("prompts", type=click.Path(path_type=Path))
+@click.option("--store", "store_path", type=click.Path(path_type=Path),
+              help="Folder of the Parquet store; created when new. Requests already stored there are skipped.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="TOML file with one or more [[teachers]] tables; every prompt goes to each teacher.")
+@click.option("--base-url", help="Teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8400/v1.")
+@click.option("--model", help="Model name sent in each request.")
+@click.option("--teacher", help="Teacher name stored with each row.  [default: the model name]")
+@click.option("--api-key-env",
+              help=f"Environment variable holding the API key.  [default: {DEFAULT_API_KEY_ENV}; "
+                   "without it a loopback teacher gets a placeholder key]")
+@click.option("--api-key-file", type=click.Path(path_type=Path), help="File holding the API key.")
+@click.option("--endpoint", type=click.Choice(ENDPOINTS),
+              help="API to call: chat (/chat/completions) or completions (/completions).  [default: chat]")
+@click.option("--max-tokens", type=int, help=f"Maximum tokens per completion.  [default: {_SAMPLING.max_tokens}]")
+@click.option("--temperature", type=float, help=f"Sampling temperature.  [default: {_SAMPLING.temperature}]")
+@click.option("--top-p", type=float, help="Nucleus sampling probability mass.  [default: not sent]")
+@click.option("--seed", type=int, help="Sampling seed; sample i is sent with seed + i.  [default: not sent]")
+@click.option("--stop", multiple=True, help="Stop sequence; repeat the flag for several.")
+@click.option("--top-logprobs", type=int,
+              help=f"Alternatives returned per token; 0 requests no logprobs.  [default: {_SAMPLING.top_logprobs}]")
+@click.option("--samples", type=int, help=f"Requests per prompt, sample_index 0..N-1.  [default: {_DEFAULTS.samples}]")
+@click.option("--concurrency", type=int,
+              help=f"Maximum requests in flight per teacher.  [default: {_DEFAULTS.concurrency}]")
+@click.option("--rpm", type=float, help="Requests per minute budget per teacher.  [default: unlimited]")
+@click.option("--tpm", type=float,
+              help="Tokens per minute budget per teacher (prompt estimate + max tokens).  [default: unlimited]")
+@click.option("--timeout", "timeout_s", type=float,
+              help=f"Seconds to wait for one response.  [default: {_DEFAULTS.timeout_s:g}]")
+@click.option("--max-attempts", type=int,
+              help=f"Attempts per request, the first included.  [default: {_DEFAULTS.max_attempts}]")
+@click.option("--max-retry-wait", "max_retry_wait_s", type=float,
+              help="Longest wait in seconds before one retry; a longer Retry-After puts the request back"
+                   f" in the queue instead.  [default: {_DEFAULTS.max_retry_wait_s:g}]")
+@click.option("--backoff-initial", "backoff_initial_s", type=float,
+              help="Backoff window in seconds of the first retry, doubled per attempt, random within"
+                   f" the window.  [default: {_DEFAULTS.backoff_initial_s:g}]")
+@click.option("--deadline", "deadline_s", type=float,
+              help="Seconds one request may take from its first attempt, retries included; 0 for"
+                   f" no deadline.  [default: {_DEFAULTS.deadline_s:g}]")
+@click.option("--limit", type=int, help="Read only the first N prompt lines (blank lines not counted).")
+@click.option("--cache-size", type=int,
+              help="Completed requests remembered to answer duplicate prompts without sending;"
+                   f" 0 disables.  [default: {_DEFAULTS.cache_size}]")
+@click.option("--dry-run", is_flag=True, help="Validate the config and every prompt line; send and store nothing.")
+@click.option("--retry-incomplete", is_flag=True,
+              help="Send again stored responses that did not finish with 'stop' (length, content_filter).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (it is hidden anyway when stderr is not a terminal).")
+def command(prompts: Path, no_progress: bool, stop: tuple[str, ...], deadline_s: float | None, **options: object) -> None:
+    """Send every prompt of PROMPTS (JSONL) to the teachers and store responses with logprobs.
+
+    Each prompt line is sent --samples times to each teacher. Rate limits, 5xx errors and
+    dropped connections are retried; requests whose retries run out are stored in the
+    failures table with the cause. Run the same command again to resume: requests already
+    stored are skipped.
+    """
+    flags = HarvestFlags(
+        prompts_path=prompts,
+        progress=not no_progress,
+        stop=tuple(stop),
+        deadline_s=deadline_s,
+        **options,  # type: ignore[arg-type]
+    )
+    try:
+        config = build_harvest_config(flags)
+    except ConfigError as error:
+        _fail_usage(str(error))
+
+    if config.dry_run:
+        stats = dry_run(config)
+        click.echo(format_dry_run(config, stats))
+        raise SystemExit(1 if stats.invalid_lines else 0)
+
+    harvester = Harvester(config, handle_signals=True)
+    try:
+        result = anyio.run(harvester.run)
+    except (ConfigError, StoreError) as error:
+        _fail_usage(str(error))
+    except KeyboardInterrupt:
+        # SIGINT before the signal handler was installed: nothing was sent yet.
+        click.echo("harvest interrupted before it started", err=True)
+        raise SystemExit(SIGNAL_EXIT_CODES[signal.SIGINT]) from None
+    click.echo(format_summary(result))
+    raise SystemExit(result.exit_code)
+
+
+def _fail_usage(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    raise SystemExit(2)
+
+
+def format_summary(result: HarvestResult) -> str:
+    """Return the end-of-run summary: counts, tokens, rate, store and a query to start from."""
+    stats = result.stats
+    wall_s = max(stats.wall_s, 1e-9)
+    store = shlex.quote(str(result.store_path))
+    lines = [
+        f"harvest {result.status} in {stats.wall_s:.1f} s (run {result.run_id})",
+        f"  requests   {stats.requests}: {stats.responses} stored responses"
+        f" ({stats.incomplete} not finished with 'stop'), {stats.failed} failed,"
+        f" {stats.cached} cached, {stats.skipped_stored} skipped (already stored)",
+        f"  sent       {stats.sent} HTTP requests ({stats.retries} retries, {stats.requeued} requeued),"
+        f" {stats.sent / wall_s:.1f} requests/s",
+        f"  prompts    {stats.prompts_read} read, {stats.invalid_lines} invalid lines,"
+        f" {stats.blank_lines} blank lines",
+        f"  tokens     {stats.prompt_tokens} prompt, {stats.completion_tokens} completion",
+        f"  store      {result.store_path}",
+        "  query      pipeline sql --store {store} \"SELECT teacher, finish_reason, count(*) AS n"
+        " FROM responses WHERE run_id = '{run}' GROUP BY ALL\"".format(store=store, run=result.run_id),
+    ]
+    if stats.failed or stats.invalid_lines:
+        lines.append(
+            "  failures   pipeline sql --store {store} \"SELECT error_type, http_status, count(*) AS n,"
+            " any_value(message) AS example FROM failures WHERE run_id = '{run}' GROUP BY ALL\"".format(
+                store=store, run=result.run_id)
+        )
+    if result.interrupted_by is not None:
+        lines.append("  resume     run the same command again; stored requests are skipped")
+    return "\n".join(lines)
+
+
+def format_dry_run(config: HarvestConfig, stats: HarvestStats) -> str:
+    teachers = ", ".join(f"{t.name} ({t.endpoint} at {t.base_url})" for t in config.teachers)
+    return "\n".join([
+        "dry run: nothing sent, nothing stored",
+        f"  prompts    {stats.prompts_read} valid, {stats.invalid_lines} invalid lines, {stats.blank_lines} blank lines",
+        f"  requests   {stats.requests} would be sent ({config.samples} per prompt and teacher,"
+        " fewer if some are already stored)",
+        f"  teachers   {teachers}",
+    ])
