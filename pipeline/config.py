@@ -143,7 +143,6 @@ class HarvestConfig:
     limit: int | None = None
     cache_size: int = 10_000
     dry_run: bool = False
-    retry_incomplete: bool = False
     progress: bool = True
     config_path: Path | None = None
 
@@ -175,7 +174,6 @@ class HarvestConfig:
             "limit": self.limit,
             "cache_size": self.cache_size,
             "dry_run": self.dry_run,
-            "retry_incomplete": self.retry_incomplete,
         }
 
 
@@ -210,7 +208,6 @@ class HarvestFlags:
     limit: int | None = None
     cache_size: int | None = None
     dry_run: bool = False
-    retry_incomplete: bool = False
     progress: bool = True
 
 
@@ -246,7 +243,6 @@ def build_harvest_config(
             sampling=sampling,
             config_path=flags.config_path,
             dry_run=flags.dry_run,
-            retry_incomplete=flags.retry_incomplete,
             progress=flags.progress,
         ),
         samples=flags.samples,

@@ -28,8 +28,9 @@ writer is closed and the run is recorded as interrupted. Requests in flight then
 lost and sent again by the next run.
 
 Responses whose ``finish_reason`` is not ``stop`` (``length``, ``content_filter``) are
-stored with their finish reason and count as stored, so a resumed run skips them;
-``--retry-incomplete`` sends them again (the new row is stored beside the old one).
+stored with their finish reason and count as stored, so a resumed run skips them and
+each request_id stays unique in ``responses``. To ask again, change the request (for
+example a larger ``--max-tokens``), which gives it a new request_id.
 """
 
 from __future__ import annotations
@@ -153,7 +154,6 @@ class Harvester:
         self._cache: LRUCache[str, _Done] = LRUCache(config.cache_size)
         self._inflight: dict[str, list[WorkItem]] = {}
         self._stored: set[str] = set()
-        self._resend: set[str] = set()
         self._lanes: list[_Lane] = []
         self._writer: StoreWriter | None = None
         self._producer_done = False
@@ -172,8 +172,6 @@ class Harvester:
             if report.changed:
                 log.info("store %s recovered: %s", store.root, report.summary())
             self._stored = store.stored_request_ids()
-            if self.config.retry_incomplete:
-                self._resend = incomplete_request_ids(store.root)
             self._writer = store.writer(self.run_id)
             store.write_run(self._run_row("running", started_at, None))
             status = "failed"
@@ -297,7 +295,7 @@ class Harvester:
         """Skip ``item``, serve it from the cache, attach it to an identical request in flight, or queue it."""
         request_id = item.request_id
         self.stats.requests += 1
-        if request_id in self._stored and request_id not in self._resend:
+        if request_id in self._stored:
             self.stats.skipped_stored += 1
             self._advance()
             return
@@ -476,21 +474,6 @@ def _take(entries: Iterator, count: int) -> list:
 
 def _limited(entries: Iterator, limit: int | None) -> Iterator:
     return entries if limit is None else itertools.islice(entries, limit)
-
-
-def incomplete_request_ids(store_root: Path) -> set[str]:
-    """Return request_ids of stored responses that did not finish with ``stop`` or have no text."""
-    from storage.catalog import connect
-
-    connection = connect(store_root)
-    try:
-        rows = connection.execute(
-            "SELECT DISTINCT request_id FROM responses"
-            " WHERE finish_reason IS DISTINCT FROM 'stop' OR response IS NULL"
-        ).fetchall()
-    finally:
-        connection.close()
-    return {request_id for (request_id,) in rows}
 
 
 def dry_run(config: HarvestConfig) -> HarvestStats:

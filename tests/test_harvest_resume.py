@@ -57,19 +57,17 @@ def test_failed_request_is_sent_again(tmp_path: Path) -> None:
     assert query(tmp_path / "store", "SELECT prompt_id, attempts FROM failures") == [("p0", 2)]
 
 
-def test_incomplete_skipped_unless_asked(tmp_path: Path) -> None:
+def test_incomplete_response_skipped_on_resume(tmp_path: Path) -> None:
     prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
     plan = FaultPlan(per_prompt={prompt_text(0): ["length"]})
     with FaultServer(plan) as server:
         config = make_config(prompts, tmp_path / "store", [make_teacher(server.base_url)])
         run_harvest(config)
-        plain = run_harvest(config)
-        again = run_harvest(replace(config, retry_incomplete=True))
-    assert plain.stats.sent == 0
-    assert (again.stats.sent, again.stats.skipped_stored) == (1, 2)
-    rows = query(tmp_path / "store",
-                 "SELECT finish_reason FROM responses WHERE prompt_id = 'p0' ORDER BY created_at")
-    assert rows == [("length",), ("stop",)]
+        again = run_harvest(config)
+    assert again.stats.sent == 0
+    assert again.stats.skipped_stored == 3
+    rows = query(tmp_path / "store", "SELECT finish_reason FROM responses WHERE prompt_id = 'p0'")
+    assert rows == [("length",)]
 
 
 def test_interrupted_run_resumes(tmp_path: Path) -> None:

@@ -91,8 +91,6 @@ Example:
               help="Completed requests remembered to answer duplicate prompts without sending;"
                    f" 0 disables.  [default: {_DEFAULTS.cache_size}]")
 @click.option("--dry-run", is_flag=True, help="Validate the config and every prompt line; send and store nothing.")
-@click.option("--retry-incomplete", is_flag=True,
-              help="Send again stored responses that did not finish with 'stop' (length, content_filter).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (it is hidden anyway when stderr is not a terminal).")
 def command(prompts: Path, no_progress: bool, stop: tuple[str, ...], deadline_s: float | None, **options: object) -> None:
     """Send every prompt of PROMPTS (JSONL) to the teachers and store responses with logprobs.

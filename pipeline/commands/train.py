@@ -32,7 +32,7 @@ def _given(options: dict[str, Any]) -> dict[str, Any]:
 
 @click.command(
     "train",
-    help=f"""Train a student on the teacher responses in a store.
+    help="""Train a student on the teacher responses in a store.
 
 Reads rows with finish_reason 'stop' and a response (--include-truncated adds 'length';
 a --where predicate that names finish_reason replaces that filter). Prompts are split
