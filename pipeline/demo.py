@@ -114,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> None:
             "Make a smaller student from the teacher's config and tokenizer",
             _pipeline(
                 "make-student", "--teacher", args.teacher, "--out", str(student_init),
-                "--layers", str(args.student_layers), "--init", "copy",
+                "--layers", str(args.student_layers), "--init", "copy", "--overwrite",
             ),
         )
         _run_step(
@@ -123,7 +123,7 @@ def run_demo(args: argparse.Namespace) -> None:
                 "train", "--store", str(store), "--student", str(student_init),
                 "--out", str(checkpoint), "--loss", "topk", "--steps", str(args.steps),
                 "--batch-size", "8", "--lr", "3e-3", "--temperature", "1.0", "--seed", "0",
-                *truncated,
+                "--overwrite", *truncated,
             ),
         )
         _run_step(

@@ -116,8 +116,19 @@ def read_store_metadata(root: Path) -> dict:
             f"no store at {root}: {STORE_METADATA_FILE} is missing;"
             " pass the directory a harvest wrote with --store"
         ) from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(
+            f"cannot read {path}: {exc}; the file records the store's format, schema"
+            f" version and applied migrations, and `pipeline check --store {root}` rewrites"
+            " it from the files present (keeping the old one as a backup)"
+        ) from exc
+    except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise StoreError(
+            f"cannot read {path}: it holds a JSON {type(metadata).__name__}, not an object;"
+            f" `pipeline check --store {root}` rewrites it from the files present"
+        )
     version = metadata.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise StoreError(
@@ -412,11 +423,53 @@ def table_select_sql(table: str, files: Iterable[StoreFile]) -> str:
 # --- Connections ----------------------------------------------------------------------
 
 
+UNRESOLVED_FAILURES_SQL = """
+WITH run_starts AS (
+    SELECT prompts_path AS source, run_id, min(started_at) AS started
+    FROM runs WHERE prompts_path IS NOT NULL GROUP BY ALL
+    UNION ALL
+    SELECT prompt_source, run_id, min(created_at)
+    FROM failures WHERE prompt_source IS NOT NULL GROUP BY ALL
+),
+latest_runs AS (
+    SELECT source, arg_max(run_id, started) AS run_id FROM run_starts GROUP BY source
+),
+request_failures AS (
+    SELECT f.* FROM failures AS f
+    WHERE f.request_id IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM responses AS r WHERE r.request_id = f.request_id)
+),
+line_failures AS (
+    SELECT f.* FROM failures AS f
+    LEFT JOIN latest_runs AS l ON l.source = f.prompt_source
+    WHERE f.request_id IS NULL AND (f.prompt_source IS NULL OR f.run_id = l.run_id)
+    QUALIFY row_number() OVER (
+        PARTITION BY f.teacher, f.prompt_source, f.prompt_line, f.error_type
+        ORDER BY f.created_at DESC
+    ) = 1
+)
+SELECT * FROM request_failures
+UNION ALL
+SELECT * FROM line_failures
+"""
+"""Body of the ``unresolved_failures`` view: failures that a rerun has not fixed.
+
+A failure with a request_id is unresolved while no response has that request_id.
+A failure without one (a prompt line that never became a request, error_type
+``invalid_prompt``) cannot be answered, so it counts only when it comes from the
+latest run that read its prompt_source: a rerun records every line that is still
+invalid again, and a line fixed since then has no failure in that run. The latest
+run is the one with the newest start in ``runs`` (``prompts_path``) or, for a run
+without a runs row, the newest first failure. Each (teacher, prompt_source,
+prompt_line, error_type) appears once, its latest row.
+"""
+
+
 def connect(root: str | Path, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB connection with views over the store at ``root``.
 
     Views: ``responses``, ``failures``, ``runs`` (all columns of the current schema)
-    and ``unresolved_failures`` (failures whose request_id has no response).
+    and ``unresolved_failures`` (see :data:`UNRESOLVED_FAILURES_SQL`).
 
     With ``read_only`` (the default) DuckDB may open only the files behind the views.
     External access is disabled except for those exact paths, extension loading is
@@ -445,10 +498,7 @@ def connect(root: str | Path, *, read_only: bool = True) -> duckdb.DuckDBPyConne
 
     for table, listing in listings.items():
         connection.execute(f"CREATE VIEW {table} AS {table_select_sql(table, listing.files)}")
-    connection.execute(
-        "CREATE VIEW unresolved_failures AS SELECT f.* FROM failures AS f"
-        " WHERE NOT EXISTS (SELECT 1 FROM responses AS r WHERE r.request_id = f.request_id)"
-    )
+    connection.execute(f"CREATE VIEW unresolved_failures AS {UNRESOLVED_FAILURES_SQL}")
     if read_only:
         connection.execute("SET lock_configuration = true")
     return connection

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DamagedFileError, StoreLockedError
 from storage.catalog import (
     REPLACES_KEY,
+    STORE_METADATA_FILE,
     TABLES,
     SkippedEntry,
     StoreFile,
@@ -41,9 +42,10 @@ from storage.catalog import (
     table_select_sql,
 )
 from storage.journal import list_journals
-from storage.schema import TABLE_SCHEMAS, validate_table, with_table_metadata
+from storage.schema import SCHEMA_VERSION, TABLE_SCHEMAS, validate_table, with_table_metadata
 from storage.store import (
     JOURNAL_DIR,
+    MIGRATIONS,
     PARQUET_COMPRESSION,
     RecoveryReport,
     Store,
@@ -90,6 +92,9 @@ class CheckReport:
     duplicate_request_ids: int = 0
     writer_active: str | None = None
     recovery: RecoveryReport | None = None
+    # Set when store.json was unreadable: the reason and where the old file went.
+    metadata_problem: str | None = None
+    metadata_backup: str | None = None
 
     @property
     def quarantined(self) -> list[str]:
@@ -97,7 +102,7 @@ class CheckReport:
 
     @property
     def damage_found(self) -> bool:
-        return bool(self.damaged or self.duplicate_request_ids)
+        return bool(self.damaged or self.duplicate_request_ids or self.metadata_problem)
 
 
 def check_store(root: str | Path, *, fix: bool = True, deep: bool = False) -> CheckReport:
@@ -109,8 +114,10 @@ def check_store(root: str | Path, *, fix: bool = True, deep: bool = False) -> Ch
     the footer (slower, finds corrupt pages).
     """
     root = Path(root).resolve()
-    read_store_metadata(root)
     report = CheckReport(root=str(root))
+    if fix:
+        _repair_store_metadata(root, report)
+    read_store_metadata(root)
     store = Store(root, create=False)
 
     lock_stack = contextlib.ExitStack()
@@ -136,6 +143,54 @@ def check_store(root: str | Path, *, fix: bool = True, deep: bool = False) -> Ch
     return report
 
 
+def _repair_store_metadata(root: Path, report: CheckReport) -> None:
+    """Rewrite an unreadable store.json from the layout present, keeping a backup.
+
+    Only a folder with the store's table folders is repaired, so ``check`` never turns
+    an unrelated folder into a store. The new file records this code's schema version
+    and every known migration, after applying them (they are idempotent).
+    NOTE: this runs without the writer lock, because :class:`Store` cannot open a
+    store whose store.json is unreadable; the rewrite itself is atomic.
+    """
+    path = root / STORE_METADATA_FILE
+    if not path.is_file() or not all((root / table).is_dir() for table in TABLES):
+        return
+    try:
+        metadata = json.loads(path.read_text())
+        if isinstance(metadata, dict):
+            return
+        problem = f"holds a JSON {type(metadata).__name__}, not an object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = str(exc)
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    backup = root / f"{STORE_METADATA_FILE}.corrupt-{stamp}"
+    os.replace(path, backup)
+    fsync_directory(root)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for migration in MIGRATIONS:
+        migration.apply(root)
+    _write_json(
+        path,
+        {
+            "format": "kd-store",
+            "schema_version": SCHEMA_VERSION,
+            "migrations": [{"name": m.name, "applied_at": now} for m in MIGRATIONS],
+        },
+    )
+    report.metadata_problem = problem
+    report.metadata_backup = str(backup)
+    logger.warning("rewrote unreadable %s (%s); old file kept as %s", path, problem, backup)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    partial = partial_path(path)
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    fsync_file(partial)
+    os.replace(partial, path)
+    fsync_directory(path.parent)
+
+
 def _check_listing(listing: TableListing, report: CheckReport, *, deep: bool) -> None:
     table = listing.table
     readable = [*listing.files, *listing.superseded]
@@ -152,6 +207,16 @@ def _check_listing(listing: TableListing, report: CheckReport, *, deep: bool) ->
     report.partial_files += [str(p) for p in listing.partial]
     report.stray_files += [str(e.path) for e in listing.stray]
     report.superseded_files += [str(f.path) for f in listing.superseded]
+
+
+def find_damaged_files(root: str | Path, table: str) -> list[Path]:
+    """Return the files of ``table`` whose data pages cannot be read; changes nothing.
+
+    Reads every page of every listed file, like ``check_store(deep=True)``, so it is as
+    slow as reading the table once. Meant for naming the culprit after a query failed.
+    """
+    listing = list_table_files(Path(root).resolve(), table)
+    return [f.path for f in listing.files if _read_all_pages(f) is not None]
 
 
 def _read_all_pages(store_file: StoreFile) -> str | None:

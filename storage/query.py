@@ -12,6 +12,7 @@ read ``/etc/passwd`` through ``read_csv`` or reach any other file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,31 @@ from pipeline.errors import ConfigError
 from storage.catalog import connect
 
 ALLOWED_STATEMENT_TYPES = frozenset({duckdb.StatementType.SELECT})
+
+# Leading whitespace, comments and opening brackets before a statement's first keyword.
+_LEADING_NOISE = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*", re.DOTALL)
+_KEYWORD = re.compile(r"[A-Za-z_]+")
+
+# DuckDB messages of errors raised while reading a damaged Parquet data page.
+_CORRUPTION_MARKERS = (
+    "decompression",
+    "corrupt",
+    "invalid parquet",
+    "checksum",
+    "snappy",
+    "zstd",
+    "gzip",
+    "lz4",
+    "brotli",
+    "thrift",
+    "unexpected end",
+    "out of buffer",
+    "tprotocol",
+    "parquet",
+    "page",
+)
+_QUERY_ERRORS = (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)
+_READ_ERRORS = (duckdb.IOException, duckdb.InternalException, duckdb.SerializationException)
 
 
 class RejectedQueryError(ConfigError):
@@ -53,12 +79,42 @@ def check_read_only(sql: str) -> str:
 
     statement = statements[0]
     if statement.type not in ALLOWED_STATEMENT_TYPES:
-        kind = statement.type.name
+        kind = first_keyword(statement.query) or statement.type.name
         raise RejectedQueryError(
             f"{kind} statements are not allowed: the store is read-only here; only a"
             " single SELECT (also WITH, DESCRIBE, SHOW, SUMMARIZE) may run"
         )
     return statement.query
+
+
+def first_keyword(sql: str) -> str | None:
+    """Return the first keyword of ``sql`` in upper case, skipping comments and brackets."""
+    start = _LEADING_NOISE.match(sql).end()
+    match = _KEYWORD.match(sql, start)
+    return match.group(0).upper() if match else None
+
+
+def is_query_error(error: duckdb.Error) -> bool:
+    """Return whether ``error`` is a problem of the query text (parser, binder, catalog)."""
+    return isinstance(error, _QUERY_ERRORS)
+
+
+def is_corruption_error(error: BaseException) -> bool:
+    """Return whether a DuckDB error looks like a damaged Parquet file in the store."""
+    if not isinstance(error, duckdb.Error) or is_query_error(error):
+        return False
+    if isinstance(error, _READ_ERRORS):
+        return True
+    message = str(error).lower()
+    return any(marker in message for marker in _CORRUPTION_MARKERS)
+
+
+def corruption_hint(root: str | Path) -> str:
+    """Return the fix for a query that hit a damaged data page."""
+    return (
+        f"a Parquet file of the store looks damaged; run `pipeline check --store {root}"
+        " --deep` to set damaged files aside, then rerun"
+    )
 
 
 def run_query(root: str | Path, sql: str, *, limit: int | None = None) -> QueryResult:

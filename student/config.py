@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.model_paths import device_problem, model_source_problem, out_dir_problem
 
 LOSS_MODES = ("sequence", "topk", "mixed")
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,6 +62,8 @@ class TrainConfig:
     # Append the student's EOS token as a CE-only target after responses that ended
     # with finish_reason 'stop', so the student learns where the teacher stopped.
     append_eos: bool = True
+    # Replace the files of a non-empty --out directory instead of rejecting it.
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -72,8 +75,9 @@ class TrainConfig:
         found: list[str] = []
         found += _store_problems(self.store_dir)
         found += _student_problems(self.student)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            found.append(f"--out {self.out_dir} is a file; pass a directory")
+        out_problem = out_dir_problem(self.out_dir, overwrite=self.overwrite)
+        if out_problem:
+            found.append(out_problem)
         found += _choice_problems("--loss", self.loss, LOSS_MODES)
         found += _choice_problems("--device", self.device, DEVICES)
         found += _choice_problems("--dtype", self.dtype, DTYPES)
@@ -176,6 +180,8 @@ class StudentSpec:
     kv_heads: int | None = None
     init: str = "copy"
     seed: int = 0
+    # Accept sizes above the teacher's; a larger student is rarely intended.
+    allow_larger: bool = False
 
     def problems(self, teacher_config: Any) -> list[str]:
         """Return every size that cannot work with this teacher, naming the flag."""
@@ -194,6 +200,8 @@ class StudentSpec:
         if found:
             return found
 
+        if not self.allow_larger:
+            found += self._larger_than_teacher(teacher_config)
         hidden, heads, kv_heads = self.resolved_attention(teacher_config)
         if hidden % heads:
             found.append(
@@ -202,6 +210,23 @@ class StudentSpec:
             )
         if kv_heads is not None and heads % kv_heads:
             found.append(f"--heads {heads} is not divisible by --kv-heads {kv_heads}")
+        return found
+
+    def _larger_than_teacher(self, teacher_config: Any) -> list[str]:
+        found = []
+        for flag, value, attribute in (
+            ("--layers", self.layers, "num_hidden_layers"),
+            ("--hidden-size", self.hidden_size, "hidden_size"),
+            ("--intermediate-size", self.intermediate_size, "intermediate_size"),
+            ("--heads", self.heads, "num_attention_heads"),
+            ("--kv-heads", self.kv_heads, "num_key_value_heads"),
+        ):
+            teacher_value = getattr(teacher_config, attribute, None)
+            if value is not None and isinstance(teacher_value, int) and value > teacher_value:
+                found.append(
+                    f"{flag} {value} exceeds the teacher's {attribute} {teacher_value};"
+                    f" pass at most {teacher_value}, or --allow-larger for a larger student"
+                )
         return found
 
     def resolved_attention(self, teacher_config: Any) -> tuple[int, int, int | None]:
@@ -243,20 +268,14 @@ def _store_problems(store_dir: Path) -> list[str]:
 
 
 def _student_problems(student: str) -> list[str]:
-    # A path that looks local must exist. Anything else may be a hub id, which only the
-    # loader can resolve; offline runs then fail there with the hub's own message.
-    looks_local = student.startswith((".", "/", "~")) or Path(student).exists()
-    if looks_local and not (Path(student).expanduser() / "config.json").is_file():
-        return [
-            f"--student {student} has no config.json; pass a model directory"
-            " (one written by pipeline make-student or save_pretrained) or a hub id"
-        ]
-    return []
+    problem = model_source_problem(student, "--student")
+    return [problem] if problem else []
 
 
 def _choice_problems(flag: str, value: str, choices: tuple[str, ...]) -> list[str]:
-    if flag == "--device" and value.startswith("cuda:"):
-        return []
+    if flag == "--device":
+        problem = device_problem(value, flag)
+        return [problem] if problem else []
     if value not in choices:
         return [f"{flag} {value!r} is not supported; pass one of {', '.join(choices)}"]
     return []

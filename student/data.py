@@ -72,6 +72,12 @@ _SPLIT_KEY_SQL = "coalesce(prompt_id, prompt, messages, request_id, '')"
 # First 32 bits of the key's MD5 as a fraction in [0, 1); holdout_bucket() is its twin.
 _SPLIT_BUCKET_SQL = f"(('0x' || left(md5({_SPLIT_KEY_SQL}), 8))::UBIGINT / 4294967296.0)"
 _FINISH_REASON_NAMED = re.compile(r"\bfinish_reason\b", re.IGNORECASE)
+# Rows whose teacher logprobs give no distribution to distil: none stored, or at most
+# one alternative per position (the sampled token alone renormalises to probability 1,
+# so its KL term equals cross-entropy).
+WITHOUT_TEACHER_DISTRIBUTION_SQL = (
+    "coalesce(list_max(list_transform(top_logprobs, lambda alternatives: len(alternatives))), 0) < 2"
+)
 
 
 def holdout_bucket(key: str) -> float:
@@ -106,7 +112,7 @@ class RowQuery:
     limit: int | None = None
 
     def filters(self) -> list[str]:
-        """Return the SQL predicates of the query, ANDed together by :meth:`sql`."""
+        """Return the default and split predicates, applied outside the user's ``where``."""
         predicates = ["response IS NOT NULL"]
         user_sets_finish = bool(self.where and _FINISH_REASON_NAMED.search(self.where))
         if not user_sets_finish:
@@ -118,9 +124,20 @@ class RowQuery:
             predicates.append(f"{_SPLIT_BUCKET_SQL} < {float(self.holdout_fraction)!r}")
         elif self.split == "train" and self.holdout_fraction > 0:
             predicates.append(f"{_SPLIT_BUCKET_SQL} >= {float(self.holdout_fraction)!r}")
-        if self.where:
-            predicates.append(f"({self.where})")
         return predicates
+
+    def describe(self) -> str:
+        """Return every predicate of the query as one readable condition, for messages."""
+        predicates = self.filters() + ([f"({self.where})"] if self.where else [])
+        return " AND ".join(predicates)
+
+    def _source(self) -> str:
+        # The user's predicate runs in an inner query and the default and split filters
+        # in the outer one, so no predicate text can remove the held-out filter.
+        if not self.where:
+            return "responses"
+        check_where(self.where)
+        return f"(SELECT * FROM responses WHERE ({self.where})) AS selected"
 
     def sql(self, columns: Iterable[str] = RESPONSE_COLUMNS) -> str:
         """Return the SELECT statement over the ``responses`` view."""
@@ -129,7 +146,7 @@ class RowQuery:
         else:
             order = f"md5(coalesce(request_id, '') || ':{int(self.order_seed)}'), request_id"
         statement = (
-            f"SELECT {', '.join(columns)} FROM responses"
+            f"SELECT {', '.join(columns)} FROM {self._source()}"
             f" WHERE {' AND '.join(self.filters())} ORDER BY {order}"
         )
         if self.limit is not None:
@@ -138,9 +155,57 @@ class RowQuery:
             statement += f" OFFSET {int(self.offset)}"
         return statement
 
-    def count_sql(self) -> str:
-        """Return a statement counting the rows the query selects."""
-        return f"SELECT count(*) FROM responses WHERE {' AND '.join(self.filters())}"
+    def count_sql(self, condition: str | None = None) -> str:
+        """Return a statement counting the selected rows, or those that meet ``condition``."""
+        predicates = self.filters() + ([f"({condition})"] if condition else [])
+        return f"SELECT count(*) FROM {self._source()} WHERE {' AND '.join(predicates)}"
+
+
+def check_where(where: str) -> None:
+    """Raise ConfigError unless ``where`` is one SQL expression with balanced brackets.
+
+    DuckDB's tokenizer reads the text, so brackets inside string literals do not
+    count. Comments and semicolons are rejected because they could cut off or end the
+    statement the predicate is placed in.
+    """
+    import duckdb
+
+    def reject(reason: str) -> None:
+        raise ConfigError(
+            f"--where {where!r} is not a single SQL predicate: {reason}; pass one boolean"
+            " expression over the responses columns, such as \"teacher = 'tiny'\""
+        )
+
+    try:
+        tokens = duckdb.tokenize(where)
+    except duckdb.Error as error:
+        reject(str(error))
+    depth = {"(": 0, "[": 0}
+    closing = {")": "(", "]": "["}
+    ends = [position for position, _ in tokens[1:]] + [len(where)]
+    for (position, kind), end in zip(tokens, ends):
+        if kind == duckdb.token_type.comment:
+            reject("it contains a comment")
+        if kind != duckdb.token_type.operator:
+            continue
+        for char in where[position:end]:
+            if char == ";":
+                reject("it contains a semicolon")
+            if char in depth:
+                depth[char] += 1
+            elif char in closing:
+                depth[closing[char]] -= 1
+                if depth[closing[char]] < 0:
+                    reject(f"the {char!r} at offset {position} closes a bracket it did not open")
+    if any(depth.values()):
+        reject("it opens a bracket it does not close")
+
+    try:
+        statements = duckdb.extract_statements(f"SELECT 1 FROM responses WHERE ({where})")
+    except duckdb.Error as error:
+        reject(str(error).splitlines()[0])
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        reject("it does not parse as one expression")
 
 
 def _connect(store_dir: Path):
@@ -155,29 +220,70 @@ def _run_query(connection: Any, statement: str, query: RowQuery):
     try:
         return connection.sql(statement)
     except duckdb.Error as error:
-        where = f" with --where {query.where!r}" if query.where else ""
-        raise ConfigError(
-            f"query over {query.store_dir} failed{where}: {error}; fix the predicate"
-            " (columns are those of the responses table, see pipeline sql)"
+        _raise_query_error(error, query)
+
+
+def _raise_query_error(error: Exception, query: RowQuery) -> None:
+    """Raise the KDError for a failed row query: damaged store files or a bad predicate."""
+    from pipeline.errors import DamagedFileError
+    from storage.query import corruption_hint, is_corruption_error
+
+    if is_corruption_error(error):
+        damaged = _damaged_files(query)
+        others = f" (also damaged: {', '.join(map(str, damaged[1:]))})" if len(damaged) > 1 else ""
+        raise DamagedFileError(
+            f"cannot read stored responses: {_first_line(error)}{others}; {corruption_hint(query.store_dir)}",
+            path=str(damaged[0]) if damaged else str(query.store_dir),
         ) from error
+    where = f" with --where {query.where!r}" if query.where else ""
+    raise ConfigError(
+        f"query over {query.store_dir} failed{where}: {error}; fix the predicate"
+        " (columns are those of the responses table, see pipeline sql)"
+    ) from error
 
 
-def count_rows(query: RowQuery) -> int:
-    """Return how many rows ``query`` selects."""
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _damaged_files(query: RowQuery) -> list[Path]:
+    from storage.maintenance import find_damaged_files
+
+    try:
+        return find_damaged_files(query.store_dir, "responses")
+    except Exception as error:  # noqa: BLE001 - naming the file is optional, the error is not
+        logger.debug("cannot list damaged files of %s: %s", query.store_dir, error)
+        return []
+
+
+def count_rows(query: RowQuery, condition: str | None = None) -> int:
+    """Return how many rows ``query`` selects, or how many of them meet ``condition``."""
+    import duckdb
+
     connection = _connect(query.store_dir)
     try:
-        return int(_run_query(connection, query.count_sql(), query).fetchall()[0][0])
+        relation = _run_query(connection, query.count_sql(condition), query)
+        try:
+            return int(relation.fetchall()[0][0])
+        except duckdb.Error as error:
+            _raise_query_error(error, query)
     finally:
         connection.close()
 
 
 def iter_rows(query: RowQuery, rows_per_chunk: int = 256) -> Iterator[dict[str, Any]]:
     """Yield the selected rows as dicts, reading ``rows_per_chunk`` rows at a time."""
+    import duckdb
+
     connection = _connect(query.store_dir)
     try:
-        reader = _run_query(connection, query.sql(), query).to_arrow_reader(rows_per_chunk)
-        for record_batch in reader:
-            yield from record_batch.to_pylist()
+        relation = _run_query(connection, query.sql(), query)
+        try:
+            for record_batch in relation.to_arrow_reader(rows_per_chunk):
+                yield from record_batch.to_pylist()
+        except (duckdb.Error, OSError) as error:
+            _raise_query_error(error, query)
     finally:
         connection.close()
 
@@ -603,7 +709,7 @@ class StoreSamples:
         if self.rows_read_in_epoch == 0:
             raise ConfigError(
                 f"no rows in {self.query.store_dir} match the training filters"
-                f" ({' AND '.join(self.query.filters())}); check --store, --where,"
+                f" ({self.query.describe()}); check --store, --where,"
                 " --include-truncated and --holdout-fraction"
             )
         raise ConfigError(

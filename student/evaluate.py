@@ -72,14 +72,14 @@ class EvalResult:
         def number(value: float | None, fmt: str) -> str:
             return "n/a" if value is None else format(value, fmt)
 
-        top1 = None if self.top1_agreement is None else 100 * self.top1_agreement
+        top1 = "n/a" if self.top1_agreement is None else f"{100 * self.top1_agreement:.2f}%"
         lines = [
             f"split              {self.split} (holdout_fraction {self.holdout_fraction})",
             f"rows               {self.rows}",
             f"positions          {self.positions} (kl {self.kl_positions}, top1 {self.top1_positions})",
             f"kl_nats_per_token  {number(self.kl_nats_per_token, '.4f')}",
             f"ce_nats_per_token  {number(self.ce_nats_per_token, '.4f')}",
-            f"top1_agreement     {number(top1, '.2f')}%",
+            f"top1_agreement     {top1}",
         ]
         if self.mapping:
             lines.append(

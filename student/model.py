@@ -19,12 +19,14 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.model_paths import check_model_source, create_out_dir, out_dir_problem
 from student.config import StudentSpec, raise_problems
 
 logger = logging.getLogger(__name__)
@@ -135,14 +137,17 @@ def create_student(teacher_path: str | Path, spec: StudentSpec) -> tuple[Any, An
     """Return ``(model, tokenizer, info)`` for a student made from the teacher at ``teacher_path``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    teacher_config = AutoConfig.from_pretrained(str(teacher_path))
+    check_model_source(str(teacher_path), "--teacher")
+    with _loading_teacher(teacher_path):
+        teacher_config = AutoConfig.from_pretrained(str(teacher_path))
     problems = spec.problems(teacher_config)
     raise_problems("make-student", problems)
 
     config = student_config(teacher_config, spec)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
+    with _loading_teacher(teacher_path):
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
 
     info: dict[str, Any] = {
         "teacher": str(teacher_path),
@@ -151,7 +156,8 @@ def create_student(teacher_path: str | Path, spec: StudentSpec) -> tuple[Any, An
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if spec.init == "copy":
-        teacher = AutoModelForCausalLM.from_pretrained(str(teacher_path), dtype=torch.float32)
+        with _loading_teacher(teacher_path):
+            teacher = AutoModelForCausalLM.from_pretrained(str(teacher_path), dtype=torch.float32)
         info["copied_layers"] = [
             teacher_layer_for(i, spec.layers, teacher_config.num_hidden_layers)
             for i in range(spec.layers)
@@ -162,11 +168,37 @@ def create_student(teacher_path: str | Path, spec: StudentSpec) -> tuple[Any, An
     return model, tokenizer, info
 
 
-def make_student(teacher_path: str | Path, out_dir: str | Path, spec: StudentSpec) -> dict[str, Any]:
-    """Create a student and save config, tokenizer and weights in ``out_dir``; return its info."""
-    model, tokenizer, info = create_student(teacher_path, spec)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _loading_teacher(teacher_path: str | Path) -> Iterator[None]:
+    """Turn a loader's OSError or ValueError into a ConfigError naming --teacher."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"cannot load teacher {str(teacher_path)!r}: {error}; pass a transformers model"
+            " directory or hub id as --teacher"
+        ) from error
+
+
+def make_student(
+    teacher_path: str | Path, out_dir: str | Path, spec: StudentSpec, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Create a student and save config, tokenizer and weights in ``out_dir``; return its info.
+
+    Raises ConfigError when ``out_dir`` is a file, cannot be created, or is a non-empty
+    directory and ``overwrite`` is false; these checks run before the teacher loads.
+    """
+    check_model_source(str(teacher_path), "--teacher")
+    raise_problems("make-student", [p for p in [out_dir_problem(out_dir, overwrite=overwrite)] if p])
+    existed = Path(out_dir).exists()
+    out = create_out_dir(out_dir)
+    try:
+        model, tokenizer, info = create_student(teacher_path, spec)
+    except BaseException:
+        # Leave no empty directory behind when the sizes or the teacher are rejected.
+        if not existed and not any(out.iterdir()):
+            out.rmdir()
+        raise
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -12,15 +12,24 @@ skipped (AdamW would otherwise still move the weights through momentum and decay
 Checkpoints are ``save_pretrained`` weights and tokenizer in the output directory plus
 a ``train_state.json`` sidecar: step, resolved config, metrics history, data cursor,
 mapping statistics and wall time.
+
+SIGINT and SIGTERM do not abort a run: while ``train`` runs, a first signal lets the
+current step finish, saves a checkpoint whose train_state.json names the signal
+(``interrupted``) and raises :class:`TrainingInterrupted`. A second signal raises
+KeyboardInterrupt at once. Handlers are installed only from the main thread, where
+Python delivers signals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,8 +40,10 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.model_paths import create_out_dir
 from student.config import TrainConfig
 from student.data import (
+    WITHOUT_TEACHER_DISTRIBUTION_SQL,
     Batch,
     MappingStats,
     RowQuery,
@@ -117,6 +128,7 @@ class TrainSummary:
     mapping: MappingStats
     baseline_eval: EvalResult | None
     final_eval: EvalResult | None
+    warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Return the end-of-run summary as lines of text."""
@@ -134,8 +146,29 @@ class TrainSummary:
         if self.baseline_eval is not None and self.final_eval is not None:
             lines.append(f"held-out before: {format_eval(0, self.baseline_eval)}")
             lines.append(f"held-out after:  {format_eval(self.steps, self.final_eval)}")
+        lines.extend(f"warning: {warning}" for warning in self.warnings)
         lines.append(f"checkpoint: {self.out_dir}")
         return lines
+
+
+class TrainingInterrupted(Exception):
+    """A signal stopped training after a step; a checkpoint of that step was saved."""
+
+    def __init__(self, signal_number: int, step: int, steps: int, out_dir: Path):
+        self.signal_number = signal_number
+        self.signal_name = signal.Signals(signal_number).name
+        self.step = step
+        self.steps = steps
+        self.out_dir = out_dir
+        super().__init__(
+            f"interrupted by {self.signal_name} after step {step} of {steps};"
+            f" checkpoint saved to {out_dir}"
+        )
+
+    @property
+    def exit_status(self) -> int:
+        """Return the shell convention for a process ended by the signal: 128 + number."""
+        return 128 + self.signal_number
 
 
 class Trainer:
@@ -147,6 +180,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
+        # Setup findings that do not stop the run; repeated in the summary.
+        self.warnings: list[str] = []
         self.input_tokens = 0
         self.target_tokens = 0
         self.model: Any = None
@@ -158,6 +193,7 @@ class Trainer:
         self._started = 0.0
         self._baseline_eval: EvalResult | None = None
         self._last_eval: EvalResult | None = None
+        self._stop_signal: int | None = None
 
     # Lifecycle ----------------------------------------------------------------
 
@@ -165,6 +201,7 @@ class Trainer:
         """Validate the config and build model, data and optimizer."""
         self.config.validate()
         self._started = time.perf_counter()
+        create_out_dir(self.config.out_dir)
         self._setup_device()
         # Row filters are checked before the model loads, so a bad --where fails fast.
         self._check_training_rows()
@@ -177,18 +214,32 @@ class Trainer:
         """Run the configured number of optimizer steps, then save the checkpoint."""
         if self.optimizer is None:
             raise RuntimeError("Trainer.train() called before setup()")
+        with self._stop_on_signals():
+            self._train_loop()
+        if self._stop_signal is not None:
+            self.save_checkpoint(finished=False, interrupted=signal.Signals(self._stop_signal).name)
+            raise TrainingInterrupted(self._stop_signal, self.step, self.config.steps, self.config.out_dir)
+
+        if self.heldout:
+            self._run_eval()
+        self.save_checkpoint(finished=True)
+        return self._summary()
+
+    def _train_loop(self) -> None:
         config = self.config
         if self.heldout:
             self._baseline_eval = self._evaluate()
             self.progress(format_eval(0, self._baseline_eval))
 
         window = _Window()
-        while self.step < config.steps:
+        while self.step < config.steps and self._stop_signal is None:
             self._train_step(window)
             self.step += 1
             if self.step % config.log_every == 0 or self.step == config.steps:
                 self._log_window(window)
                 window = _Window()
+            if self._stop_signal is not None:
+                break
             paused = time.perf_counter()
             if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
                 self._run_eval()
@@ -196,11 +247,30 @@ class Trainer:
                 self.save_checkpoint(finished=False)
             # Evaluation and saving do not count against training throughput.
             window.started += time.perf_counter() - paused
+        if self._stop_signal is not None and window.targets:
+            self._log_window(window)
 
-        if self.heldout:
-            self._run_eval()
-        self.save_checkpoint(finished=True)
-        return self._summary()
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Turn SIGINT and SIGTERM into a stop after the current step while training runs."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signal_number: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal_number
+
+        stop_signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {number: signal.getsignal(number) for number in stop_signals}
+        for number in stop_signals:
+            signal.signal(number, request_stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def cleanup(self) -> None:
         """Close the data stream and release the model and optimizer."""
@@ -245,13 +315,33 @@ class Trainer:
     def _check_training_rows(self) -> None:
         query = self._row_query("train")
         rows = count_rows(query)
-        logger.info("training rows: %d (%s)", rows, " AND ".join(query.filters()))
+        logger.info("training rows: %d (%s)", rows, query.describe())
         if rows == 0:
             raise ConfigError(
                 f"no rows in {self.config.store_dir} match the training filters"
-                f" ({' AND '.join(query.filters())}); check --store, --where,"
+                f" ({query.describe()}); check --store, --where,"
                 " --include-truncated and --holdout-fraction"
             )
+        if self.config.loss != "sequence":
+            self._check_teacher_logprobs(query, rows)
+
+    def _check_teacher_logprobs(self, query: RowQuery, rows: int) -> None:
+        """Reject a KL loss without any teacher distribution; warn when some rows lack one."""
+        without = count_rows(query, WITHOUT_TEACHER_DISTRIBUTION_SQL)
+        if without == rows:
+            raise ConfigError(
+                f"--loss {self.config.loss} needs teacher top-k logprobs, but none of the"
+                f" {rows} training rows has more than one alternative per token (harvested"
+                " with --top-logprobs 0?); pass --loss sequence, or harvest with"
+                " --top-logprobs 5 or more"
+            )
+        if without:
+            warning = (
+                f"{without} of {rows} training rows have no teacher logprobs; they train on"
+                " cross-entropy only"
+            )
+            logger.warning(warning)
+            self.warnings.append(warning)
 
     def _setup_data(self) -> None:
         config = self.config
@@ -405,7 +495,7 @@ class Trainer:
 
     # Checkpoints --------------------------------------------------------------
 
-    def train_state(self, finished: bool) -> dict[str, Any]:
+    def train_state(self, finished: bool, interrupted: str | None = None) -> dict[str, Any]:
         """Return the JSON sidecar written next to the weights.
 
         NOTE: no command resumes from it yet. A resumed run would pass ``data_cursor``
@@ -415,6 +505,7 @@ class Trainer:
             "step": self.step,
             "steps": self.config.steps,
             "finished": finished,
+            "interrupted": interrupted,
             "config": self.config.to_dict(),
             "metrics": self.history,
             "data_cursor": self.samples.cursor if self.samples else None,
@@ -425,15 +516,19 @@ class Trainer:
             "wall_time_s": round(time.perf_counter() - self._started, 3),
         }
 
-    def save_checkpoint(self, finished: bool) -> Path:
-        """Save weights, tokenizer and train_state.json in the output directory."""
+    def save_checkpoint(self, finished: bool, interrupted: str | None = None) -> Path:
+        """Save weights, tokenizer and train_state.json in the output directory.
+
+        ``interrupted`` names the signal that stopped the run, if one did.
+        """
         out = self.config.out_dir
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         state_path = out / TRAIN_STATE_FILE
         partial = state_path.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(self.train_state(finished), indent=2) + "\n", encoding="utf-8")
+        state = self.train_state(finished, interrupted)
+        partial.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         os.replace(partial, state_path)
         logger.info("saved checkpoint at step %d to %s", self.step, out)
         return out
@@ -452,6 +547,7 @@ class Trainer:
             mapping=self.samples.stats,
             baseline_eval=self._baseline_eval,
             final_eval=self._last_eval,
+            warnings=list(self.warnings),
         )
 
 

@@ -217,3 +217,27 @@ def standard_store(root: Path, model_dir: Path, prompts_path: Path) -> Path:
     cut = dict(rows[0])
     cut.update(request_id=request_id("cut"), prompt_id="cut-at-max-tokens", finish_reason="length")
     return write_store(root, rows + [cut])
+
+
+def damage_data_pages(path: Path, column: str = "response", length: int = 400) -> None:
+    """Invert up to ``length`` bytes in the middle of one column's data in a Parquet file.
+
+    The footer stays intact, so the file still lists and opens; only reading that
+    column's pages fails, as with a disk error inside a finished file.
+    """
+    import pyarrow.parquet as pq
+
+    chunk = next(
+        chunk
+        for group in range(pq.ParquetFile(path).metadata.num_row_groups)
+        for index in range(pq.ParquetFile(path).metadata.num_columns)
+        if (chunk := pq.ParquetFile(path).metadata.row_group(group).column(index)).path_in_schema == column
+    )
+    first = chunk.dictionary_page_offset or chunk.data_page_offset
+    size = chunk.total_compressed_size
+    span = min(length, size // 2)
+    start = first + (size - span) // 2
+    data = bytearray(path.read_bytes())
+    for index in range(start, start + span):
+        data[index] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -16,7 +17,7 @@ from pipeline.errors import StoreError
 from storage.catalog import REPLACES_KEY, connect, list_table_files
 from storage.schema import SCHEMA_VERSION_KEY, TABLE_KIND_KEY, build_responses_table
 from storage.store import Store
-from tests.fixtures_store import make_failure_row, make_response_row
+from tests.fixtures_store import BASE_TIME, make_failure_row, make_response_row
 
 OLD_ALTERNATIVE = pa.struct([pa.field("token", pa.string()), pa.field("logprob", pa.float32())])
 
@@ -216,6 +217,54 @@ def test_unresolved_failures_exclude_answered(store: Store) -> None:
     connection = connect(store.root)
     unresolved = connection.execute("SELECT request_id FROM unresolved_failures").fetchall()
     assert unresolved == [(make_failure_row(0)["request_id"],)]
+
+
+def invalid_line_row(line: int, run_id: str, seconds: int) -> dict:
+    return {
+        "run_id": run_id,
+        "created_at": BASE_TIME + timedelta(seconds=seconds),
+        "teacher": None,
+        "prompt_source": "prompts.jsonl",
+        "prompt_line": line,
+        "attempts": 0,
+        "error_type": "invalid_prompt",
+        "message": f"line {line}: not valid JSON",
+        "retryable": False,
+    }
+
+
+def harvest_invalid_lines(store: Store, run_id: str, lines: range, start_s: int) -> None:
+    store.write_run(
+        {"run_id": run_id, "status": "completed", "prompts_path": "prompts.jsonl",
+         "started_at": BASE_TIME + timedelta(seconds=start_s)}
+    )
+    with store.writer(run_id) as writer:
+        for line in lines:
+            writer.add_failure(invalid_line_row(line, run_id, start_s + line))
+
+
+def unresolved_lines(store: Store) -> list[int]:
+    connection = connect(store.root)
+    rows = connection.execute(
+        "SELECT prompt_line FROM unresolved_failures WHERE request_id IS NULL ORDER BY 1"
+    ).fetchall()
+    return [line for (line,) in rows]
+
+
+def test_invalid_lines_listed_once_after_reruns(store: Store) -> None:
+    harvest_invalid_lines(store, "run-a", range(1, 13), start_s=0)
+    harvest_invalid_lines(store, "run-b", range(1, 13), start_s=100)
+    assert unresolved_lines(store) == list(range(1, 13))
+
+    # Line 5 was fixed before the third run, so only that run's failures count.
+    harvest_invalid_lines(store, "run-c", [n for n in range(1, 13) if n != 5], start_s=200)
+    assert unresolved_lines(store) == [n for n in range(1, 13) if n != 5]
+
+
+def test_invalid_lines_all_fixed_leaves_none(store: Store) -> None:
+    harvest_invalid_lines(store, "run-a", range(1, 4), start_s=0)
+    harvest_invalid_lines(store, "run-b", range(0), start_s=100)
+    assert unresolved_lines(store) == []
 
 
 def test_connect_requires_store_metadata(tmp_path: Path) -> None:

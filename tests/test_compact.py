@@ -150,6 +150,14 @@ def test_compact_fails_while_locked(tmp_path: Path) -> None:
             compact_store(store.root)
 
 
+def test_cli_compact_locked_exits_2(tmp_path: Path) -> None:
+    store = small_files_store(tmp_path / "store", files=2)
+    with store.lock():
+        result = CliRunner().invoke(cli, ["compact", "--store", str(store.root)])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output
+
+
 def run_compaction_killed_at(store_dir: Path, point: str) -> None:
     """Run compact_store in a child that kills itself at ``point``."""
     code = f"""

@@ -16,7 +16,7 @@ from student.config import EvalConfig
 from student.data import RowQuery, is_heldout, iter_rows
 from student.evaluate import evaluate_model, evaluate_store
 from student.model import load_student
-from tests.fixtures_student import standard_store
+from tests.fixtures_student import damage_data_pages, standard_store
 
 pytestmark = pytest.mark.slow
 
@@ -105,8 +105,11 @@ def test_eval_cli_without_rows_fails(store: Path, model_dir: Path) -> None:
         cli, ["eval", "--store", str(store), "--student", str(model_dir), "--split", "all",
               "--where", "prompt_id = 'nobody'", "--device", "cpu"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no positions to evaluate" in result.output
+    assert "--include-truncated" in result.output
+    assert "top1_agreement     n/a\n" in result.output
+    assert "n/a%" not in result.output
 
 
 def test_trained_student_closer_than_fresh(store: Path, model_dir: Path, tmp_path: Path) -> None:
@@ -128,3 +131,23 @@ def test_trained_student_closer_than_fresh(store: Path, model_dir: Path, tmp_pat
         return evaluate_store(config).kl_nats_per_token
 
     assert kl(trained) < kl(fresh) - 0.5
+
+
+def damaged_copy(store: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "damaged-store"
+    shutil.copytree(store, copy)
+    damage_data_pages(max((copy / "responses").glob("*.parquet"), key=lambda p: p.stat().st_size))
+    return copy
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_cli_damaged_page_names_check(store: Path, model_dir: Path, tmp_path: Path, command: str) -> None:
+    damaged = damaged_copy(store, tmp_path)
+    arguments = [command, "--store", str(damaged), "--student", str(model_dir), "--device", "cpu",
+                 "--split" if command == "eval" else "--out", "all" if command == "eval" else str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 1, result.output
+    assert f"run `pipeline check --store {damaged} --deep`" in result.output
+    assert "part-" in result.output
+    assert not isinstance(result.exception, AssertionError)
+    assert "Traceback" not in result.output

@@ -124,12 +124,76 @@ def test_cli_rejects_bad_sizes(model_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         cli,
         ["make-student", "--teacher", str(model_dir), "--out", str(tmp_path / "s"),
-         "--layers", "0", "--init", "prune"],
+         "--layers", "0", "--hidden-size", "0"],
     )
     assert result.exit_code == 2
     assert "--layers must be >= 1" in result.output
-    assert "--init 'prune'" in result.output
+    assert "--hidden-size must be >= 1" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_cli_lists_init_choices(model_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["make-student", "--teacher", str(model_dir), "--out", str(tmp_path / "s"), "--layers", "1",
+              "--init", "prune"],
+    )
+    assert result.exit_code == 2
+    assert "'copy'" in result.output
+    assert "'fresh'" in result.output
+
+
+def make_student_cli(model_dir: Path, out: Path, *extra: str):
+    return CliRunner().invoke(
+        cli, ["make-student", "--teacher", str(model_dir), "--out", str(out), "--layers", "1", *extra]
+    )
+
+
+def test_cli_out_under_file_names_out(model_dir: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile / "x", afile):
+        result = make_student_cli(model_dir, out)
+        assert result.exit_code == 2, result.output
+        assert f"cannot create --out {out}" in result.output
+        assert "Traceback" not in result.output
+        assert "cannot load teacher" not in result.output
+
+
+def test_cli_uncreatable_out_is_usage_error(model_dir: Path) -> None:
+    result = make_student_cli(model_dir, Path("/proc/nope/x"))
+    assert result.exit_code == 2, result.output
+    assert "cannot create --out /proc/nope/x" in result.output
+
+
+def test_cli_nonempty_out_needs_overwrite(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    refused = make_student_cli(model_dir, out)
+    assert refused.exit_code == 2
+    assert "--overwrite" in refused.output
+    assert not (out / "config.json").exists()
+
+    replaced = make_student_cli(model_dir, out, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "config.json").is_file()
+
+
+def test_cli_rejects_student_larger_than_teacher(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "big"
+    result = CliRunner().invoke(
+        cli, ["make-student", "--teacher", str(model_dir), "--out", str(out), "--layers", "99", "--heads", "64"]
+    )
+    assert result.exit_code == 2
+    assert "--layers 99 exceeds the teacher's num_hidden_layers 5" in result.output
+    assert "--heads 64 exceeds" in result.output
+    assert "--allow-larger" in result.output
+    assert not out.exists()
+
+
+def test_allow_larger_accepts_more_layers(model_dir: Path) -> None:
+    student, _, info = create_student(model_dir, StudentSpec(layers=6, init="fresh", allow_larger=True))
+    assert student.config.num_hidden_layers == 6
 
 
 def test_cli_missing_teacher_is_usage_error(tmp_path: Path) -> None:
@@ -137,4 +201,15 @@ def test_cli_missing_teacher_is_usage_error(tmp_path: Path) -> None:
         cli, ["make-student", "--teacher", str(tmp_path / "nothing"), "--out", str(tmp_path / "s"), "--layers", "1"]
     )
     assert result.exit_code == 2
-    assert "cannot load teacher" in result.output
+    assert f"model not found: {tmp_path / 'nothing'} is not a directory and not a valid hub id" in result.output
+
+
+def test_cli_teacher_without_config(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        cli, ["make-student", "--teacher", str(empty), "--out", str(tmp_path / "s"), "--layers", "1"]
+    )
+    assert result.exit_code == 2
+    assert f"{empty} has no config.json; pass a transformers model directory" in result.output
+    assert not (tmp_path / "s").exists()

@@ -7,6 +7,7 @@ import copy
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -603,7 +604,36 @@ def test_missing_model_is_usage_error(tmp_path):
     result = CliRunner().invoke(serve_teacher_command, [str(tmp_path / "absent"), "--port", "0"])
 
     assert result.exit_code == 2
-    assert "cannot load model" in result.output
+    assert f"model not found: {tmp_path / 'absent'} is not a directory and not a valid hub id" in result.output
+
+
+def test_folder_without_model_is_usage_error(tmp_path):
+    result = CliRunner().invoke(serve_teacher_command, [str(tmp_path), "--port", "0"])
+
+    assert result.exit_code == 2
+    assert f"{tmp_path} has no config.json; pass a transformers model directory" in result.output
+
+
+def test_unknown_device_lists_values(model_dir):
+    result = CliRunner().invoke(serve_teacher_command, [str(model_dir), "--port", "0", "--device", "tpu"])
+
+    assert result.exit_code == 2
+    assert "--device 'tpu' is not supported; pass one of auto, cpu, cuda, cuda:N" in result.output
+
+
+def test_unresolvable_host_names_host(model_dir, monkeypatch):
+    def fail_to_resolve(host, port):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr("pipeline.serve.bind_socket", fail_to_resolve)
+    result = CliRunner().invoke(
+        serve_teacher_command, [str(model_dir), "--host", "999.1.1.1", "--port", "0", "--device", "cpu"]
+    )
+
+    assert result.exit_code == 2
+    assert "Name or service not known" in result.output
+    assert "--host" in result.output
+    assert "--port" not in result.output
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from pipeline.cli import cli
 from storage.query import RejectedQueryError, check_read_only, run_query
 from storage.store import Store
 from tests.fixtures_store import make_failure_row, make_response_row, tree_snapshot
+from tests.fixtures_student import damage_data_pages
 
 
 @pytest.fixture
@@ -169,10 +170,33 @@ def test_cli_table_output(store: Store) -> None:
     assert "1 row" in result.output
 
 
-def test_cli_query_error_exits_1(store: Store) -> None:
-    result = CliRunner().invoke(cli, ["sql", "SELECT no_such_column FROM responses", "--store", str(store.root)])
-    assert result.exit_code == 1
-    assert "no_such_column" in result.output
+@pytest.mark.parametrize(
+    "query",
+    ["SELECT no_such_column FROM responses", "SELECT * FROM no_such_table", "SELECT count(* FROM responses"],
+)
+def test_cli_query_error_exits_2(store: Store, query: str) -> None:
+    result = CliRunner().invoke(cli, ["sql", query, "--store", str(store.root)])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output
+
+
+@pytest.mark.parametrize(
+    ("query", "keyword"),
+    [("INSTALL httpfs", "INSTALL"), ("CHECKPOINT", "CHECKPOINT"), ("USE memory", "USE"),
+     ("/* note */ load httpfs", "LOAD")],
+)
+def test_rejection_names_written_keyword(query: str, keyword: str) -> None:
+    with pytest.raises(RejectedQueryError, match=f"^{keyword} statements are not allowed"):
+        check_read_only(query)
+
+
+def test_cli_corrupt_page_hints_check(store: Store) -> None:
+    part = max((store.root / "responses").glob("*.parquet"), key=lambda p: p.stat().st_size)
+    damage_data_pages(part)
+    result = CliRunner().invoke(cli, ["sql", "SELECT * FROM responses", "--store", str(store.root)])
+    assert result.exit_code == 1, result.output
+    assert "pipeline check --store" in result.output
+    assert "--deep" in result.output
 
 
 def test_cli_missing_store_exits_2(tmp_path: Path) -> None:

@@ -149,3 +149,43 @@ def test_cli_check_missing_store_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["check", "--store", str(tmp_path / "none")])
     assert result.exit_code == 2
     assert "store.json is missing" in result.output
+
+
+def test_corrupt_store_json_hints_check(store: Store) -> None:
+    (store.root / "store.json").write_text('{"format": "kd-store", ')
+    result = CliRunner().invoke(cli, ["sql", "SELECT 1", "--store", str(store.root)])
+    assert result.exit_code == 2
+    assert f"pipeline check --store {store.root}" in result.output
+    assert "schema version" in result.output
+
+
+def test_check_fix_rewrites_corrupt_store_json(store: Store) -> None:
+    rows_before = response_count(store)
+    corrupt = '{"format": "kd-store", '
+    (store.root / "store.json").write_text(corrupt)
+
+    no_fix = CliRunner().invoke(cli, ["check", "--store", str(store.root), "--no-fix"])
+    assert no_fix.exit_code == 2
+    assert (store.root / "store.json").read_text() == corrupt
+
+    result = CliRunner().invoke(cli, ["check", "--store", str(store.root)])
+    assert result.exit_code == 1, result.output
+    assert "store.json was unreadable" in result.output
+    backups = list(store.root.glob("store.json.corrupt-*"))
+    assert len(backups) == 1
+    assert backups[0].read_text() == corrupt
+    metadata = json.loads((store.root / "store.json").read_text())
+    assert metadata["format"] == "kd-store"
+    assert [step["name"] for step in metadata["migrations"]] == ["0001_create_layout"]
+    assert response_count(store) == rows_before
+
+    again = CliRunner().invoke(cli, ["check", "--store", str(store.root)])
+    assert again.exit_code == 0, again.output
+
+
+def test_check_leaves_non_store_json_alone(tmp_path: Path) -> None:
+    (tmp_path / "store.json").write_text("not json")
+    result = CliRunner().invoke(cli, ["check", "--store", str(tmp_path)])
+    assert result.exit_code == 2
+    assert (tmp_path / "store.json").read_text() == "not json"
+    assert not list(tmp_path.glob("store.json.corrupt-*"))

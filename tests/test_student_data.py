@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DamagedFileError
 from storage.schema import LogprobColumns
 from student.data import (
     IGNORE_INDEX,
@@ -30,7 +30,7 @@ from student.vocab import (
     detect_piece_scheme,
     piece_to_bytes,
 )
-from tests.fixtures_student import response_row, token_text, write_store
+from tests.fixtures_student import damage_data_pages, response_row, token_text, write_store
 
 PROMPT = "Once upon a time"
 
@@ -476,6 +476,70 @@ def test_iter_rows_streams_in_chunks(mixed_store: Path) -> None:
 def test_invalid_where_names_flag(mixed_store: Path) -> None:
     with pytest.raises(ConfigError, match="--where"):
         count_rows(RowQuery(mixed_store, where="no_such_column = 1"))
+
+
+def test_where_cannot_escape_filters(mixed_store: Path, monkeypatch) -> None:
+    escape = "finish_reason = 'length') OR (1=1"
+    with pytest.raises(ConfigError, match="not a single SQL predicate"):
+        count_rows(RowQuery(mixed_store, where=escape))
+
+    # Even with the text check off, the nesting keeps the split and response filters.
+    monkeypatch.setattr("student.data.check_where", lambda where: None)
+    heldout = {f"p{i}" for i in range(12) if is_heldout(f"p{i}", 0.3)}
+    query = RowQuery(mixed_store, split="train", holdout_fraction=0.3, where=escape)
+    read = {row["prompt_id"] for row in iter_rows(query)}
+    assert read
+    assert read.isdisjoint(heldout)
+    assert "filtered" not in read
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "true)) AS r UNION ALL SELECT * FROM responses WHERE ((true",
+        "prompt_id = 'p1' -- ",
+        "prompt_id = 'p1' /* x */",
+        "true; SELECT 1",
+        "prompt_id = 'p1')",
+        "(prompt_id = 'p1'",
+        "[1",
+    ],
+)
+def test_where_rejects_unbalanced_text(mixed_store: Path, where: str) -> None:
+    with pytest.raises(ConfigError, match="--where"):
+        count_rows(RowQuery(mixed_store, where=where))
+
+
+def test_where_brackets_inside_strings_accepted(mixed_store: Path) -> None:
+    assert count_rows(RowQuery(mixed_store, where="prompt_id <> ')(' AND (prompt_id = 'p1')")) == 3
+
+
+def test_where_never_reads_heldout_rows(mixed_store: Path) -> None:
+    heldout = {f"p{i}" for i in range(12) if is_heldout(f"p{i}", 0.3)}
+    assert heldout
+    query = RowQuery(mixed_store, split="train", holdout_fraction=0.3, where="true OR (1=1)")
+    read = {row["prompt_id"] for row in iter_rows(query)}
+    assert read
+    assert read.isdisjoint(heldout)
+    assert "filtered" not in read
+    # A where clause that reads every finish_reason still keeps NULL responses out.
+    everything = RowQuery(mixed_store, split="train", holdout_fraction=0.3, where="finish_reason IS NULL OR true")
+    read_all = {row["prompt_id"] for row in iter_rows(everything)}
+    assert read_all.isdisjoint(heldout)
+    assert "filtered" not in read_all
+
+
+def test_damaged_page_names_check_fix(tmp_path: Path) -> None:
+    positions = [(b" there", -0.2, [(b" there", -0.2)])]
+    rows = [stored_row(positions, prompt_id=f"p{i}", response=f"text {i} " * 40) for i in range(40)]
+    root = write_store(tmp_path / "store", rows)
+    part = next((root / "responses").glob("*.parquet"))
+    damage_data_pages(part)
+    with pytest.raises(DamagedFileError) as raised:
+        list(iter_rows(RowQuery(root)))
+    message = str(raised.value)
+    assert f"pipeline check --store {root} --deep" in message
+    assert part.name in message
 
 
 def test_store_samples_cursor_and_epochs(mixed_store: Path, tokenizer, vocab) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from student.config import StudentSpec, TrainConfig
 from student.data import IGNORE_INDEX, Sample, collate
 from student.model import make_student
 from student.trainer import Trainer, _Window, format_progress, learning_rate, run_training
-from tests.fixtures_student import standard_store
+from tests.fixtures_student import cached_teacher_rows, standard_store, write_store
 
 PROGRESS_LINE = re.compile(
     r"^step \d{5}/\d{5} \| loss \d+\.\d{4} \| ce \d+\.\d{2} \| kl (\d+\.\d{3}|-)"
@@ -192,7 +197,7 @@ def summary_history(out: Path) -> list[dict]:
 def test_cut_rows_excluded_unless_included(store: Path, student_dir: Path, tmp_path: Path) -> None:
     def rows_read(batch_size: int = 40, **overrides) -> int:
         config = config_for(store, student_dir, tmp_path / "out", steps=1, batch_size=batch_size,
-                            holdout_fraction=0.0, **overrides)
+                            holdout_fraction=0.0, overwrite=True, **overrides)
         return run_training(config, progress=lambda line: None).mapping.rows_read
 
     assert rows_read() == 32
@@ -233,5 +238,122 @@ def test_cli_train_lists_every_bad_flag(store: Path, student_dir: Path, tmp_path
          "--loss", "kl", "--steps", "0", "--alpha", "2", "--device", "tpu"],
     )
     assert result.exit_code == 2
-    for text in ("4 invalid train settings", "--loss 'kl'", "--steps", "--alpha", "--device 'tpu'"):
+    assert "'kl' is not one of 'sequence', 'topk', 'mixed'" in result.output
+
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--store", str(store), "--student", str(student_dir), "--out", str(tmp_path / "o"),
+         "--steps", "0", "--alpha", "2", "--device", "tpu"],
+    )
+    assert result.exit_code == 2
+    for text in ("3 invalid train settings", "--steps", "--alpha", "--device 'tpu'", "cuda:N"):
         assert text in result.output, text
+
+
+def train_cli(store: Path, student: Path | str, out: Path, *extra: str):
+    return CliRunner().invoke(
+        cli,
+        ["train", "--store", str(store), "--student", str(student), "--out", str(out), "--steps", "1",
+         "--batch-size", "4", "--device", "cpu", "--holdout-fraction", "0", *extra],
+    )
+
+
+@pytest.mark.slow
+def test_cli_uncreatable_out_is_usage_error(store: Path, student_dir: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (Path("/proc/nope/x"), afile / "x", afile):
+        result = train_cli(store, student_dir, out)
+        assert result.exit_code == 2, result.output
+        assert f"cannot create --out {out}" in result.output
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_cli_nonempty_out_needs_overwrite(store: Path, student_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    result = train_cli(store, student_dir, out)
+    assert result.exit_code == 2
+    assert "--overwrite" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_cli_missing_student_names_model(store: Path, tmp_path: Path) -> None:
+    result = train_cli(store, "/nonexistent", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "model not found: /nonexistent is not a directory and not a valid hub id" in result.output
+
+
+def store_without_logprobs(root: Path, model_dir: Path, prompts: Path, stripped_share: float) -> Path:
+    rows = [dict(row) for row in cached_teacher_rows(model_dir, prompts)]
+    stripped = int(len(rows) * stripped_share)
+    for row in rows[:stripped]:
+        row.update(logprobs=None, logprobs_format=None, logprobs_lossy=None, token_level_ok=False)
+    return write_store(root, rows)
+
+
+@pytest.mark.slow
+def test_cli_topk_without_any_logprobs_rejected(
+    model_dir: Path, stories_prompts: Path, student_dir: Path, tmp_path: Path
+) -> None:
+    store = store_without_logprobs(tmp_path / "store", model_dir, stories_prompts, 1.0)
+    result = train_cli(store, student_dir, tmp_path / "out", "--loss", "topk")
+    assert result.exit_code == 2
+    assert "--loss sequence" in result.output
+    assert not (tmp_path / "out" / "train_state.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_topk_warns_rows_without_logprobs(
+    model_dir: Path, stories_prompts: Path, student_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = store_without_logprobs(tmp_path / "store", model_dir, stories_prompts, 0.5)
+    with caplog.at_level(logging.WARNING, logger="student.trainer"):
+        result = train_cli(store, student_dir, tmp_path / "out", "--loss", "topk")
+    assert result.exit_code == 0, result.output
+    warning = "16 of 32 training rows have no teacher logprobs; they train on cross-entropy only"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [warning]
+    assert f"warning: {warning}" in result.output
+
+
+def start_training(store: Path, student_dir: Path, out: Path) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "pipeline.cli", "train", "--store", str(store), "--student", str(student_dir),
+        "--out", str(out), "--steps", "100000", "--batch-size", "2", "--log-every", "1",
+        "--device", "cpu", "--holdout-fraction", "0",
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stop_signal", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_interrupted_checkpoint(
+    store: Path, student_dir: Path, tmp_path: Path, stop_signal: signal.Signals, status: int
+) -> None:
+    out = tmp_path / "out"
+    process = start_training(store, student_dir, out)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 00002/"):
+                break
+        process.send_signal(stop_signal)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == status, stderr
+    assert f"interrupted by {stop_signal.name}" in stderr
+    assert str(out) in stderr
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["interrupted"] == stop_signal.name
+    assert state["finished"] is False
+    assert state["step"] >= 2
+    assert (out / "model.safetensors").is_file()

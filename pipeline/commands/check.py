@@ -1,7 +1,7 @@
 """``pipeline check``: validate every file of a store and set damaged ones aside.
 
-Exit status 1 when damage was found (damaged files or duplicate request_ids), 0
-otherwise, 2 when the folder is no store.
+Exit status 1 when damage was found (damaged files, duplicate request_ids or an
+unreadable store.json), 0 otherwise, 2 when the folder is no store.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ Example:
 @click.option("--store", "store_path", required=True, type=click.Path(path_type=Path),
               help="Folder of the Parquet store, as passed to pipeline harvest --store.")
 @click.option("--fix/--no-fix", default=True, show_default=True,
-              help="Move damaged files to quarantine/ and, when no writer is running, recover pending "
-                   "journals and remove partial files. --no-fix only reports.")
+              help="Move damaged files to quarantine/, rewrite an unreadable store.json (the old one "
+                   "is kept as store.json.corrupt-<time>) and, when no writer is running, recover "
+                   "pending journals and remove partial files. --no-fix only reports.")
 @click.option("--deep", is_flag=True,
               help="Also read every data page, not only each file's footer (slower; finds corrupt pages).")
 def command(store_path: Path, fix: bool, deep: bool) -> None:
@@ -53,6 +54,13 @@ def format_check_report(report, store_path: Path) -> list[str]:
     """Return the lines of the printed check summary."""
     lines = [
         f"store: {report.root}",
+    ]
+    if report.metadata_problem:
+        lines.append(
+            f"store.json was unreadable ({report.metadata_problem}): rewritten, old file kept"
+            f" as {report.metadata_backup}"
+        )
+    lines += [
         f"files checked: {report.files_checked} ({report.rows_checked} rows)",
         f"damaged: {len(report.damaged)}",
     ]

@@ -33,16 +33,17 @@ def command(store_path: Path, target_rows: int, small_file_rows: int) -> None:
     journals, then rewrites small files without losing a row; a response stored more
     than once keeps its earliest row. Safe to interrupt at any point.
     """
-    from pipeline.errors import DamagedFileError, StoreError, StoreLockedError
+    from pipeline.errors import DamagedFileError, StoreError
     from storage.maintenance import compact_store
 
     config = CompactConfig(target_rows=target_rows, small_file_rows=small_file_rows)
     try:
         report = compact_store(store_path, config)
-    except (StoreLockedError, DamagedFileError) as exc:
+    except DamagedFileError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except StoreError as exc:
+        # A locked store is exit status 2, as for a second harvest on the same store.
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

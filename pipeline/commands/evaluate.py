@@ -14,6 +14,7 @@ import click
 
 from pipeline.commands.train import config_default
 from pipeline.errors import ConfigError, KDError
+from student.config import DTYPES, SPLITS
 
 
 def _eval_default(name: str) -> str:
@@ -37,9 +38,10 @@ alternative.
 holdout fraction recorded in the checkpoint's train_state.json; --split train reads the
 others and --split all reads every row. Row filters are those of pipeline train.
 
-\b
+""",
+    epilog="""\b
 Example:
-  pipeline eval --store store/ --student student --split heldout
+  pipeline eval --store store/ --student student --split heldout --include-truncated
   pipeline eval --store store/ --student student --split all --json
 """,
 )
@@ -47,13 +49,13 @@ Example:
 @click.option("--student", required=True, help="Student checkpoint directory (from pipeline train) or any causal LM directory.")
 @click.option("--where", default=None, help="SQL predicate over the responses table, ANDed with the default filters.")
 @click.option("--include-truncated", is_flag=True, default=None, help="Also evaluate responses cut at max_tokens (finish_reason 'length').")
-@click.option("--split", default=None, help=f"heldout, train or all. {_eval_default('split')}")
+@click.option("--split", type=click.Choice(SPLITS), default=None, help=f"Which prompts to read. {_eval_default('split')}")
 @click.option("--holdout-fraction", type=float, default=None, help="Share of prompts held out; default: the value in the checkpoint's train_state.json.")
 @click.option("--max-rows", type=int, default=None, help="Evaluate at most this many samples. [default: all]")
 @click.option("--batch-size", type=int, default=None, help=f"Samples per forward pass. {_eval_default('batch_size')}")
 @click.option("--max-seq-len", type=int, default=None, help=f"Longest prompt plus response in tokens. {_eval_default('max_seq_len')}")
 @click.option("--device", default=None, help=f"auto, cpu, cuda or cuda:N. {_eval_default('device')}")
-@click.option("--dtype", default=None, help=f"Compute dtype: auto, float32, bfloat16 or float16. {_eval_default('dtype')}")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help=f"Compute dtype. {_eval_default('dtype')}")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def command(as_json: bool, **options: Any) -> None:
     from transformers.utils import logging as transformers_logging
@@ -76,5 +78,9 @@ def command(as_json: bool, **options: Any) -> None:
     else:
         click.echo(result.report())
     if result.positions == 0:
-        click.echo("eval: no positions to evaluate; check --split, --where and --holdout-fraction", err=True)
-        raise SystemExit(1)
+        click.echo(
+            "eval: no positions to evaluate; check --split, --where, --include-truncated"
+            " and --holdout-fraction",
+            err=True,
+        )
+        raise SystemExit(2)

@@ -6,14 +6,24 @@ The command binds the listening socket itself before it logs the start line, so 
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 
 import click
 
 from pipeline.local_teacher import PLAIN_TEMPLATE_DOC
+from pipeline.model_paths import device_problem, model_source_problem
 
 logger = logging.getLogger(__name__)
+
+
+def _bind_fix(error: OSError) -> str:
+    """Return which flag fixes a failed bind: --host for addresses, --port otherwise."""
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return "pass an address of this machine as --host, such as 127.0.0.1"
+    return "pick another --port"
 
 
 @click.command(
@@ -33,8 +43,8 @@ Chat messages are rendered with the tokenizer's chat template. {PLAIN_TEMPLATE_D
 
 The server runs until Ctrl-C or SIGTERM, then finishes the requests in progress and
 exits with status 0.
-
-\b
+""",
+    epilog="""\b
 Example:
   HF_HUB_OFFLINE=1 pipeline serve-teacher ../shared/models/stories260k --port 8400 &
   curl -s http://127.0.0.1:8400/v1/completions -H 'Content-Type: application/json' \\
@@ -60,7 +70,7 @@ Example:
     "--device",
     default="auto",
     show_default=True,
-    help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.",
+    help="Device to run the model on: auto (cuda when available, else cpu), cpu, cuda or cuda:N.",
 )
 @click.option(
     "--dtype",
@@ -76,17 +86,21 @@ def command(model: str, host: str, port: int, served_name: str | None, device: s
 
     config = ServeConfig(model=model, host=host, port=port, served_name=served_name, device=device, dtype=dtype)
     name = config.resolved_served_name()
+    problems = [p for p in (model_source_problem(model, "MODEL"), device_problem(device)) if p]
+    if problems:
+        raise click.UsageError("; ".join(problems))
 
     try:
         teacher = TeacherModel.load(config.model, LoadOptions(device=config.device, dtype=config.dtype))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:
         raise click.UsageError(f"cannot load model {model!r}: {error}") from error
 
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as error:
         raise click.UsageError(
-            f"cannot listen on {config.host}:{config.port}: {error.strerror}; pick another --port"
+            f"cannot listen on {config.host}:{config.port}: {error.strerror or error};"
+            f" {_bind_fix(error)}"
         ) from error
 
     server = build_server(create_app(teacher, name))

@@ -43,9 +43,11 @@ def command(query: str, store_path: Path, output_format: str, limit: int | None)
     """Run one read-only SQL QUERY over a store.
 
     Views: responses, failures, runs, and unresolved_failures (failures whose
-    request_id has no response). Only a single SELECT runs (WITH, DESCRIBE, SHOW and
+    request_id has no response, and invalid prompt lines of the latest run that
+    read each prompts file). Only a single SELECT runs (WITH, DESCRIBE, SHOW and
     SUMMARIZE are SELECTs); statements that could change data or read other files are
-    rejected with exit status 2.
+    rejected with exit status 2. Errors in the query (syntax, unknown table or column)
+    exit with status 2; failures to read the store's files exit with status 1.
     """
     import duckdb
 
@@ -63,8 +65,7 @@ def command(query: str, store_path: Path, output_format: str, limit: int | None)
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except duckdb.Error as exc:
-        click.echo(f"error: query failed: {exc}", err=True)
-        sys.exit(1)
+        _exit_query_failed(exc, store_path)
 
     if output_format == "table":
         _print_table(result)
@@ -74,6 +75,18 @@ def command(query: str, store_path: Path, output_format: str, limit: int | None)
         _print_json(result)
     if result.truncated:
         click.echo(f"(output cut at {limit} rows; raise --limit to see more)", err=True)
+
+
+def _exit_query_failed(error: Exception, store_path: Path) -> None:
+    """Print a failed query's error and exit: 2 for errors in the query, 1 for I/O."""
+    from storage.query import corruption_hint, is_corruption_error, is_query_error
+
+    message = str(error).strip()
+    if is_corruption_error(error):
+        click.echo(f"error: query failed: {message}; {corruption_hint(store_path)}", err=True)
+        sys.exit(1)
+    click.echo(f"error: query failed: {message}", err=True)
+    sys.exit(2 if is_query_error(error) else 1)
 
 
 def _print_table(result) -> None:
