@@ -36,3 +36,19 @@ def test_top_level_help_lists_commands() -> None:
     assert result.exit_code == 0
     for name in COMMANDS:
         assert name in result.output
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_command_example_follows_options(name: str) -> None:
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.output.index("Options:") < result.output.index("Example")
+
+
+@pytest.mark.parametrize(("name", "option"), [("train", "--loss"), ("train", "--dtype"), ("eval", "--split"),
+                                              ("eval", "--dtype"), ("make-student", "--init")])
+def test_fixed_choices_listed_in_help(name: str, option: str) -> None:
+    result = CliRunner().invoke(cli, [name, "--help"])
+    options = result.output[result.output.index("Options:"):]
+    line = next(line for line in options.splitlines() if line.strip().startswith(option))
+    assert "TEXT" not in line
+    assert "[" in line
