@@ -4,7 +4,7 @@ The send path has three layers, each named for what it handles:
 
 - :meth:`TeacherClient._post` sends the request through ``openai.AsyncOpenAI`` with
   ``max_retries=0`` (retries belong to :mod:`pipeline.retry`) and
-  ``cast_to=httpx.Response``, so the SDK returns the raw response instead of building
+  ``cast_to=httpx2.Response``, so the SDK returns the raw response instead of building
   pydantic models of every top-k alternative; the body bytes go straight to
   :func:`pipeline.parsing.parse_response`. On an 83 kB chat body of 64 tokens x 20
   alternatives, building the SDK's ``ChatCompletion`` took 5.2 ms, while orjson plus
@@ -15,6 +15,12 @@ The send path has three layers, each named for what it handles:
   ClientError (other 4xx), with ``Retry-After`` parsed and a short body summary.
 - :meth:`TeacherClient._parse` parses a 2xx body; a 200 carrying an ``error`` object
   becomes the matching typed error there.
+
+The SDK's ``httpx2.AsyncClient`` (httpx2 is the fork of httpx that openai 3.x uses)
+sends through :class:`~pipeline.harvest_transport.AiohttpTransport`, an aiohttp
+connection pool. The HTTP stack took 47 % of the harvester's CPU samples with httpx 0.29
+and 8 % with this transport (``python -m benchmarks.profile_harvest``; the figures are
+in ``benchmarks/CHANGES.md``).
 
 SDK and transport exceptions (timeouts, refused or dropped connections, bodies cut off
 mid-transfer) become TransportError. Every error names the teacher and the request id
@@ -31,7 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
-import httpx
+import httpx2
 import openai
 
 from pipeline.config import TeacherConfig
@@ -43,6 +49,7 @@ from pipeline.errors import (
     TeacherError,
     TransportError,
 )
+from pipeline.harvest_transport import AiohttpTransport
 from pipeline.parsing import ParsedResponse, parse_response, summarize_error_body
 from pipeline.retry import parse_retry_after
 
@@ -56,7 +63,7 @@ class TeacherReply:
     """A successful response: the parsed body plus what the rate limiter needs."""
 
     parsed: ParsedResponse
-    headers: httpx.Headers
+    headers: httpx2.Headers
     status: int
     latency_ms: float
     body_bytes: int
@@ -83,8 +90,8 @@ class TeacherClient:
         self._logprobs_required = top_logprobs > 0
         self._path = ENDPOINT_PATHS[teacher.endpoint]
         self._now = now
-        self._http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        self._http = httpx2.AsyncClient(
+            transport=AiohttpTransport(max_connections=max_connections, timeout_s=timeout_s),
             timeout=timeout_s,
         )
         self._openai = openai.AsyncOpenAI(
@@ -106,7 +113,7 @@ class TeacherClient:
         """
         started = time.perf_counter()
         try:
-            # httpx timeouts apply per read, so a server that trickles bytes could hold a
+            # Socket timeouts apply per read, so a server that trickles bytes could hold a
             # request far longer; this bounds the whole attempt.
             with anyio.fail_after(self.timeout_s):
                 response = await self._post(body, request_id)
@@ -121,9 +128,9 @@ class TeacherClient:
         )
         return TeacherReply(parsed, response.headers, response.status_code, latency_ms, len(response.content))
 
-    async def _post(self, body: Mapping[str, object], request_id: str) -> httpx.Response:
+    async def _post(self, body: Mapping[str, object], request_id: str) -> httpx2.Response:
         try:
-            return await self._openai.post(self._path, body=body, cast_to=httpx.Response)
+            return await self._openai.post(self._path, body=body, cast_to=httpx2.Response)
         except openai.APIStatusError as error:
             # The SDK raises for 4xx/5xx after reading the body; type it from the response.
             self._raise_for_status(error.response, request_id, cause=error)
@@ -135,7 +142,7 @@ class TeacherClient:
                 f"teacher {self.teacher.name}: request {request_id} failed: {_describe_transport(error.__cause__)}",
                 request_id=request_id,
             ) from error
-        except httpx.HTTPError as error:
+        except httpx2.HTTPError as error:
             raise TransportError(
                 f"teacher {self.teacher.name}: request {request_id} failed: {_describe_transport(error)}",
                 request_id=request_id,
@@ -156,7 +163,7 @@ class TeacherClient:
         )
 
     def _raise_for_status(
-        self, response: httpx.Response, request_id: str, *, cause: BaseException | None = None
+        self, response: httpx2.Response, request_id: str, *, cause: BaseException | None = None
     ) -> None:
         status = response.status_code
         if 200 <= status < 300:
@@ -167,7 +174,7 @@ class TeacherClient:
         error_class = _status_error_class(status)
         raise error_class(message, status=status, retry_after=retry_after, request_id=request_id) from cause
 
-    def _parse(self, response: httpx.Response, request_id: str) -> ParsedResponse:
+    def _parse(self, response: httpx2.Response, request_id: str) -> ParsedResponse:
         try:
             return parse_response(
                 response.content,
@@ -206,14 +213,14 @@ def _status_error_class(status: int) -> type[TeacherError]:
 
 
 def _describe_transport(cause: BaseException | None) -> str:
-    """Describe a transport failure from the httpx exception (never from the request)."""
-    if isinstance(cause, httpx.RemoteProtocolError):
+    """Describe a transport failure from the httpx2 exception (never from the request)."""
+    if isinstance(cause, httpx2.RemoteProtocolError):
         return f"connection closed before the response was complete ({_short(cause)})"
-    if isinstance(cause, httpx.ConnectError):
+    if isinstance(cause, httpx2.ConnectError):
         return f"cannot connect ({_short(cause)}); check that the teacher is running at the base URL"
-    if isinstance(cause, httpx.ReadError):
+    if isinstance(cause, httpx2.ReadError):
         return f"connection lost while reading the response ({_short(cause)})"
-    if isinstance(cause, httpx.WriteError):
+    if isinstance(cause, httpx2.WriteError):
         return f"connection lost while sending the request ({_short(cause)})"
     if cause is None:
         return "connection error"

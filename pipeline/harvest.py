@@ -13,7 +13,8 @@ every queue is bounded (the producer waits when a teacher's queue is full), the
 duplicate cache is an LRU, and requests in flight are bounded by the workers. What does
 grow are three sets of ids: the request_ids already in the store (read once for
 resume), those the store writer keeps to reject duplicates, and the prompt ids the
-reader keeps to reject duplicate ids, each about 125 MB per million entries. A
+reader keeps to reject duplicate ids. Each is a :class:`~pipeline.harvest_ids.DigestSet`
+of 16 bytes per id (a Python set of the id strings took about 110 MB per million). A
 20,000-prompt run against the fault server stayed at 190-224 MB RSS throughout.
 
 NOTE: teachers share the producer, so a teacher whose queue stays full (slow or rate
@@ -58,6 +59,7 @@ from pipeline.errors import (
     RateLimitError,
     ResponseFormatError,
 )
+from pipeline.harvest_ids import DigestSet
 from pipeline.harvest_progress import HarvestProgress
 from pipeline.harvest_requests import WorkItem, build_work_item
 from pipeline.harvest_rows import (
@@ -153,7 +155,7 @@ class Harvester:
         self._prompts_path = str(config.prompts_path)
         self._cache: LRUCache[str, _Done] = LRUCache(config.cache_size)
         self._inflight: dict[str, list[WorkItem]] = {}
-        self._stored: set[str] = set()
+        self._stored = DigestSet()
         self._lanes: list[_Lane] = []
         self._writer: StoreWriter | None = None
         self._producer_done = False

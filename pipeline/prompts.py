@@ -10,7 +10,8 @@ The file is read in binary and split on ``\\n`` only. Splitting decoded text wit
 :meth:`str.splitlines` would also break lines at U+2028 and other Unicode line
 separators, which may appear inside a JSON string. A line is read with a size limit,
 and the rest of a longer line is skipped in bounded chunks. Memory therefore stays
-bounded by ``max_line_bytes`` plus the set of ids seen, which duplicate detection needs.
+bounded by ``max_line_bytes`` plus the set of ids seen, which duplicate detection needs
+(a :class:`~pipeline.harvest_ids.DigestSet`, 16 bytes per id).
 
 Each line is a JSON object with exactly one of ``prompt`` (a non-empty string, for
 ``/v1/completions``) or ``messages`` (a non-empty list of chat messages), and an
@@ -29,6 +30,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from pipeline.errors import ConfigError, PromptError
+from pipeline.harvest_ids import DigestSet
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class PromptReader:
         self.records = 0
         self.invalid_lines = 0
         self.blank_lines = 0
-        seen_ids: set[str] = set()
+        seen_ids = DigestSet()
 
         try:
             handle = self.path.open("rb")
@@ -99,7 +101,7 @@ class PromptReader:
                 yield item
 
     def _read_line(
-        self, number: int, content: bytes | None, seen_ids: set[str]
+        self, number: int, content: bytes | None, seen_ids: DigestSet
     ) -> PromptRecord | PromptError | None:
         """Validate one line; return None for a blank line."""
         path = str(self.path)
@@ -121,7 +123,7 @@ class PromptReader:
         except _LineError as exc:
             return PromptError(str(exc), path=path, line=number, field=exc.field)
 
-    def _build_record(self, number: int, document: Any, seen_ids: set[str]) -> PromptRecord:
+    def _build_record(self, number: int, document: Any, seen_ids: DigestSet) -> PromptRecord:
         if not isinstance(document, dict):
             raise _LineError(f"expected a JSON object, got {_json_type(document)}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -267,6 +268,83 @@ def build_responses_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
             arrays.append(pa.array(values, type=schema_field.type))
     table = pa.Table.from_arrays(arrays, schema=RESPONSES_SCHEMA)
     return with_table_metadata(table, "responses")
+
+
+_INT_RANGES = {pa.int32(): (-(2**31), 2**31 - 1), pa.int64(): (-(2**63), 2**63 - 1)}
+_FLOAT_TYPES = (pa.float32(), pa.float64())
+# Element types the logprob lists accept, besides None where the column allows it.
+_LOGPROB_ELEMENT_TYPES = {
+    "tokens": {str},
+    "token_bytes": {bytes, type(None)},
+    "token_logprobs": {float, int, type(None)},
+    "top_counts": {int},
+    "top_tokens": {str, type(None)},
+    "top_logprobs": {float, int, type(None)},
+    "top_bytes": {bytes, type(None)},
+}
+
+
+def checked_row(kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Return the columns of ``row`` that ``kind``'s table stores, as plain Python values.
+
+    Raises ``ValueError`` or ``TypeError`` for a value that :func:`build_table` would
+    reject: a wrong type, an integer out of range, logprob lists of unequal length.
+    A row can so be checked when it arrives and its table built later, with others.
+    Values of other types that Arrow converts (say, numpy scalars) are converted here.
+    """
+    checked: dict[str, Any] = {}
+    for schema_field in TABLE_SCHEMAS[kind]:
+        name = schema_field.name
+        if name in _LOGPROB_COLUMNS and kind == "responses":
+            continue
+        checked[name] = _checked_scalar(row.get(name), schema_field)
+    if kind == "responses":
+        logprobs = row.get("logprobs")
+        if logprobs is not None:
+            _check_logprobs(logprobs)
+        checked["logprobs"] = logprobs
+    return checked
+
+
+def _checked_scalar(value: Any, schema_field: pa.Field) -> Any:
+    value_type = type(value)
+    field_type = schema_field.type
+    if value is None:
+        return None
+    if value_type is str and field_type == pa.string():
+        return value
+    if value_type is bool and field_type == pa.bool_():
+        return value
+    if value_type is int and field_type in _INT_RANGES:
+        low, high = _INT_RANGES[field_type]
+        if not low <= value <= high:
+            raise ValueError(f"column {schema_field.name}: {value} is out of range for {field_type}")
+        return value
+    if value_type in (float, int) and field_type in _FLOAT_TYPES:
+        return value
+    if isinstance(value, datetime) and pa.types.is_timestamp(field_type):
+        return value
+    # Anything else goes through Arrow's own conversion, which raises ArrowInvalid
+    # (a ValueError) or ArrowTypeError (a TypeError) where build_table would.
+    return pa.scalar(value, type=field_type).as_py()
+
+
+def _check_logprobs(logprobs: LogprobColumns) -> None:
+    logprobs.validate()
+    for name, allowed in _LOGPROB_ELEMENT_TYPES.items():
+        found = set(map(type, getattr(logprobs, name)))
+        if not found <= allowed:
+            names = ", ".join(sorted(t.__name__ for t in found - allowed))
+            raise TypeError(f"logprobs {name} contains values of type {names}")
+    for name in ("top_counts", "text_offset"):
+        values = getattr(logprobs, name)
+        if values is None:
+            continue
+        if name == "text_offset" and not set(map(type, values)) <= {int, type(None)}:
+            raise TypeError("logprobs text_offset must contain integers")
+        numbers = [value for value in values if value is not None]
+        if numbers and not (-(2**31) <= min(numbers) and max(numbers) < 2**31):
+            raise ValueError(f"logprobs {name} has a value out of range for int32")
 
 
 def build_table(kind: str, rows: Sequence[dict[str, Any]]) -> pa.Table:
