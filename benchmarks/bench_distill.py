@@ -9,11 +9,12 @@ measures both students, the untrained init and the teacher itself on the held-ou
 prompts. The teacher is stopped as soon as the harvest ends, and in any case before the
 script exits.
 
-The init is ``fresh`` (random) by default. A ``copy`` init inherits teacher layers, so
-both students would start close to the teacher and the comparison would measure little
-of what each loss teaches. Responses cut at ``max_tokens`` are kept for training and
-evaluation (``--include-truncated``) because the tiny teacher rarely finishes a story
-within the token budget.
+The init is ``fresh`` (random) by default, so whatever a student knows of the teacher
+came through its loss from the stored responses. A ``copy`` init (``--init copy``)
+starts from the teacher's embeddings and some of its layers, and then the figures mix
+what the copied weights carry with what each loss teaches. Responses cut at
+``max_tokens`` are kept for training and evaluation (``--include-truncated``) because
+the tiny teacher rarely finishes a story within the token budget.
 
 The store lives in ``--out`` under a name that includes a digest of the harvest
 settings. A second run with the same ``--out`` and harvest settings therefore reuses the
@@ -21,8 +22,8 @@ stored responses (the harvest resumes and sends nothing), and other harvest sett
 a store of their own instead of mixing with the first. Students are made and trained
 afresh each run.
 
-    python -m benchmarks.bench_distill                       # about 8 minutes on 2 cores
-    python -m benchmarks.bench_distill --quick               # about 1 minute
+    python -m benchmarks.bench_distill                       # 7 to 8 minutes, see DISTILL.md
+    python -m benchmarks.bench_distill --quick               # 1 to 2 minutes
     python -m benchmarks.bench_distill --seeds 0,1,2 --out benchmarks/out/distill-seeds
 """
 
@@ -30,8 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -44,11 +45,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
-from benchmarks.common import OUT_DIR, REPO_DIR, SHARED_DIR, code_version, machine_info, print_table
+from benchmarks.common import (
+    OUT_DIR,
+    REPO_DIR,
+    SHARED_DIR,
+    code_version,
+    machine_info,
+    print_table,
+)
 from student.data import holdout_bucket
 
 TEACHER_DIR = SHARED_DIR / "models" / "stories260k"
@@ -116,21 +124,44 @@ class PipelineRunner:
         return [sys.executable, "-m", "pipeline.cli", *args]
 
     def run(self, name: str, *args: str) -> StepResult:
-        """Run ``pipeline ARGS`` and raise StepFailed unless it exits with status 0."""
+        """Run ``pipeline ARGS`` and raise StepFailed unless it exits with status 0.
+
+        The child writes to ``logs/NAME.out`` and ``logs/NAME.err`` directly, so its
+        output is kept even when this process is interrupted.
+        """
         argv = self.argv(*args)
         print(f"$ {shlex.join(['pipeline', *args])}", flush=True)
+        out_path, err_path = self.log_dir / f"{name}.out", self.log_dir / f"{name}.err"
         start = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO_DIR)
-        result = StepResult(argv, done.returncode, time.perf_counter() - start, done.stdout, done.stderr)
-        (self.log_dir / f"{name}.log").write_text(
-            f"$ {shlex.join(argv)}\nexit status {done.returncode}, {result.wall_s:.1f} s\n"
-            f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
-        )
-        print(f"  {name}: exit status {done.returncode} in {result.wall_s:.1f} s", flush=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout)[-2000:]
-            raise StepFailed(f"{name} failed with exit status {done.returncode}; see {self.log_dir}/{name}.log\n{tail}")
+        with out_path.open("w") as out, err_path.open("w") as err:
+            returncode = _run_child(argv, self.env, out, err)
+        wall_s = time.perf_counter() - start
+        result = StepResult(argv, returncode, wall_s, out_path.read_text(), err_path.read_text())
+
+        print(f"  {name}: exit status {returncode} in {wall_s:.1f} s", flush=True)
+        if returncode != 0:
+            tail = (result.stderr or result.stdout)[-2000:]
+            raise StepFailed(f"{name} failed with exit status {returncode}; see {err_path}\n{tail}")
         return result
+
+
+def _run_child(argv: list[str], env: dict[str, str], out: IO[str], err: IO[str]) -> int:
+    """Run ``argv`` to completion, or stop it with SIGTERM when this process is interrupted.
+
+    SIGTERM, unlike the SIGKILL of ``subprocess.run``, lets ``pipeline harvest`` write
+    what it received and record its run as interrupted.
+    """
+    child = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO_DIR)
+    try:
+        return child.wait()
+    except BaseException:
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
 
 
 class TeacherServer:
@@ -149,11 +180,14 @@ class TeacherServer:
         argv = self.runner.argv("serve-teacher", str(self.model_dir), "--host", HOST, "--port", "0")
         print(f"$ {shlex.join(['pipeline', *argv[3:]])}", flush=True)
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.runner.env, cwd=REPO_DIR)
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.runner.env, cwd=REPO_DIR
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise StepFailed(f"serve-teacher exited with status {self.process.returncode}; see {self.log_path}")
+                status = self.process.returncode
+                raise StepFailed(f"serve-teacher exited with status {status}; see {self.log_path}")
             if not self.base_url:
                 match = SERVER_LINE.search(self.log_path.read_text(errors="replace"))
                 self.base_url = match.group(1) if match else ""
@@ -230,25 +264,29 @@ def store_summary(runner: PipelineRunner, store: Path) -> list[dict[str, Any]]:
     )
 
 
-def heldout_rows_expected(runner: PipelineRunner, store: Path, fraction: float) -> dict[str, Any]:
-    """Count the stored rows of the prompts whose prompt_id hash falls in the held-out share.
+def split_rows_expected(runner: PipelineRunner, store: Path, fraction: float) -> dict[str, Any]:
+    """Count the stored rows on each side of the split, choosing held-out prompts by their id alone.
 
-    Training splits by a hash of prompt_id, so this count, made here from the prompt ids
-    alone, must equal the rows every ``pipeline eval --split heldout`` reads.
+    Training splits by a hash of prompt_id, so the held-out count made here must equal the
+    rows every ``pipeline eval --split heldout`` reads, and the rest the rows training reads.
     """
     ids = [row["prompt_id"] for row in sql_rows(
         runner, "prompt-ids", store, "SELECT DISTINCT prompt_id FROM responses ORDER BY prompt_id"
     )]
     heldout = [prompt_id for prompt_id in ids if holdout_bucket(prompt_id) < fraction]
-    if not heldout:
-        return {"prompts": len(ids), "heldout_prompts": 0, "heldout_rows": 0}
-    id_list = ", ".join("'" + prompt_id.replace("'", "''") + "'" for prompt_id in heldout)
+    # The empty string is no prompt_id of this prompts file, and keeps IN () valid SQL.
+    id_list = ", ".join("'" + prompt_id.replace("'", "''") + "'" for prompt_id in heldout) or "''"
     counted = sql_rows(
-        runner, "heldout-count", store,
-        "SELECT count(*) AS n FROM responses WHERE response IS NOT NULL"
-        f" AND finish_reason IN ('stop', 'length') AND prompt_id IN ({id_list})",
-    )
-    return {"prompts": len(ids), "heldout_prompts": len(heldout), "heldout_rows": counted[0]["n"]}
+        runner, "split-count", store,
+        f"SELECT count(*) FILTER (WHERE prompt_id IN ({id_list})) AS heldout, count(*) AS total"
+        " FROM responses WHERE response IS NOT NULL AND finish_reason IN ('stop', 'length')",
+    )[0]
+    return {
+        "prompts": len(ids),
+        "heldout_prompts": len(heldout),
+        "heldout_rows": counted["heldout"],
+        "train_rows": counted["total"] - counted["heldout"],
+    }
 
 
 def make_student(runner: PipelineRunner, settings: DistillSettings, out: Path) -> dict[str, Any]:
@@ -287,7 +325,9 @@ def train(runner: PipelineRunner, settings: DistillSettings, store: Path, init: 
     }
 
 
-def evaluate(runner: PipelineRunner, settings: DistillSettings, store: Path, model: Path, name: str) -> dict[str, Any]:
+def evaluate(
+    runner: PipelineRunner, settings: DistillSettings, store: Path, model: Path, name: str
+) -> dict[str, Any]:
     """Run ``pipeline eval --split heldout --json`` on one model and return its metrics."""
     step = runner.run(
         f"eval-{name}", "eval", "--store", str(store), "--student", str(model),
@@ -322,7 +362,9 @@ def compare(settings: DistillSettings, out: Path) -> dict[str, Any]:
             checkpoint = runs_dir / f"{loss}-seed{seed}"
             trained = train(runner, settings, store, init_dir, checkpoint, loss, seed)
             metrics = evaluate(runner, settings, store, checkpoint, f"{loss}-seed{seed}")
-            students.append({"model": f"{loss} student", "loss": loss, "seed": seed, "train": trained, "eval": metrics})
+            students.append(
+                {"model": f"{loss} student", "loss": loss, "seed": seed, "train": trained, "eval": metrics}
+            )
 
     baselines = [
         {"model": "teacher (reference)", "loss": None, "seed": None, "train": None,
@@ -342,15 +384,27 @@ def compare(settings: DistillSettings, out: Path) -> dict[str, Any]:
     }
 
 
-def check_split(runner: PipelineRunner, settings: DistillSettings, store: Path, models: list[dict[str, Any]]) -> dict[str, Any]:
-    """Check that every evaluation read the same held-out rows, the ones chosen by prompt_id."""
-    expected = heldout_rows_expected(runner, store, settings.holdout_fraction)
+def check_split(
+    runner: PipelineRunner, settings: DistillSettings, store: Path, models: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Check that every evaluation read the held-out rows chosen by prompt_id, and training the rest."""
+    check = split_rows_expected(runner, store, settings.holdout_fraction)
     rows = sorted({model["eval"]["rows"] for model in models})
     positions = sorted({model["eval"]["positions"] for model in models})
-    expected["rows_read_by_eval"] = rows
-    expected["positions_by_eval"] = positions
-    expected["consistent"] = rows == [expected["heldout_rows"]] and len(positions) == 1
-    return expected
+    check["rows_read_by_eval"] = rows
+    check["positions_by_eval"] = positions
+    # train_state.json counts the rows of the first pass over the data, so the count
+    # covers the whole training split only once training has started a second pass.
+    trained = [model["train"] for model in models if model["train"]]
+    check["rows_read_by_train"] = sorted({
+        run["train_rows"] for run in trained if run["data_cursor"]["epoch"] >= 1
+    })
+    check["consistent"] = (
+        rows == [check["heldout_rows"]]
+        and len(positions) == 1
+        and check["rows_read_by_train"] in ([], [check["train_rows"]])
+    )
+    return check
 
 
 def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -405,7 +459,7 @@ def _percent(value: float | None) -> str:
 
 def write_result(out: Path, result: dict[str, Any]) -> Path:
     """Write the record with the date, machine and code version to ``out/bench_distill-<time>.json``."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     record = {
         "benchmark": "bench_distill",
         "date": now.isoformat(timespec="seconds"),
@@ -426,11 +480,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="folder for the store, students, logs and result JSON"
                         " [default: benchmarks/out/distill, or distill-quick with --quick]")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps per student [default: {DistillSettings.steps}, {QUICK_SETTINGS.steps} with --quick]")
+                        help=f"training steps per student [default: {DistillSettings.steps},"
+                        f" {QUICK_SETTINGS.steps} with --quick]")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_SETTINGS.prompt_limit} prompts, {QUICK_SETTINGS.samples} sample,"
                         f" {QUICK_SETTINGS.max_tokens} tokens, {QUICK_SETTINGS.steps} steps")
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; each trains both students [default: 0]")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated training seeds; each trains both students [default: 0]")
     parser.add_argument("--init", choices=("fresh", "copy"), default="fresh",
                         help="student init passed to pipeline make-student --init [default: fresh]")
     return parser.parse_args(argv)
@@ -441,7 +497,9 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
     try:
         seeds = tuple(int(seed) for seed in args.seeds.split(","))
     except ValueError:
-        raise SystemExit(f"--seeds {args.seeds!r} is invalid; pass comma-separated integers such as 0,1,2") from None
+        raise SystemExit(
+            f"--seeds {args.seeds!r} is invalid; pass comma-separated integers such as 0,1,2"
+        ) from None
     steps = settings.steps if args.steps is None else args.steps
     if steps < 1:
         raise SystemExit(f"--steps {steps} is invalid; pass a positive number")
@@ -449,8 +507,8 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    # SystemExit unwinds through the finally blocks that stop the teacher and the
-    # running child process.
+    # SystemExit unwinds through the handlers that stop the teacher and the running
+    # child process, which the default SIGTERM action would leave running.
     raise SystemExit(128 + signum)
 
 
@@ -475,10 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(table_rows(result))
     check = result["split_check"]
     print(f"\nheld-out split: {check['heldout_prompts']} of {check['prompts']} prompts,"
-          f" {check['heldout_rows']} rows; every eval read {check['rows_read_by_eval']} rows")
+          f" {check['heldout_rows']} rows (eval read {check['rows_read_by_eval']});"
+          f" training split: {check['train_rows']} rows (train read {check['rows_read_by_train']})")
     print(f"total {result['total_wall_s']:.0f} s; result: {path}")
     if not check["consistent"]:
-        print("bench_distill: the evaluations did not all read the held-out rows chosen by prompt_id", file=sys.stderr)
+        print("bench_distill: eval or train did not read the split chosen by prompt_id;"
+              " see split_check in the result JSON", file=sys.stderr)
         return 1
     return 0
 

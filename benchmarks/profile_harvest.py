@@ -13,7 +13,7 @@ does C code that releases the GIL (pyarrow's Parquet encoding, socket I/O), so t
 store's share is a lower bound.
 
 Frames are grouped into areas by their file. The areas are the HTTP stack (httpx,
-httpcore, h11, anyio's sockets), the openai SDK, response parsing, the store (the
+httpcore, h11, aiohttp, anyio's sockets), the openai SDK, response parsing, the store (the
 project's storage package and pyarrow), the harvest loop itself, the event loop, and
 module imports, which take every sample taken while a module is imported, class
 creation included. The raw profile stays in ``benchmarks/out/`` in py-spy's raw
@@ -39,8 +39,11 @@ AREAS = (
     ("imports", ("importlib",)),
     ("parsing", ("pipeline/parsing", "json/decoder")),
     ("store", ("storage/", "pyarrow")),
-    ("openai SDK", ("site-packages/openai/", "pydantic")),
-    ("HTTP stack", ("httpx", "httpcore", "h11", "anyio/_backends", "anyio/abc", "anyio/_core/_typed", "socket")),
+    ("openai SDK", ("openai/", "pydantic")),
+    ("HTTP stack", (
+        "httpx", "httpcore", "h11", "aiohttp", "yarl", "multidict",
+        "anyio/_backends", "anyio/abc", "anyio/_core/_typed", "socket",
+    )),
     ("harvest loop", ("pipeline/",)),
     ("event loop", ("asyncio/", "selectors", "epoll", "anyio/")),
 )
@@ -94,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0, help="mock teacher latency, in ms")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--endpoint", choices=("chat", "completions"), default="chat", help="API format")
+    parser.add_argument("--quick", action="store_true", help="300 prompts")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts = 300
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     profile_path = OUT_DIR / "harvest-py-spy.txt"

@@ -16,6 +16,7 @@ reaches a stored ``base_url`` either.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
 import tomllib
@@ -26,6 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENDPOINTS = ("chat", "completions")
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
@@ -441,6 +444,13 @@ def resolve_api_key(
     if value:
         return ApiKey(value, f"environment variable {teacher.api_key_env}")
     if is_loopback_url(teacher.base_url):
+        if teacher.api_key_env != DEFAULT_API_KEY_ENV:
+            # A variable named on purpose but unset is more likely a typo than a wish for
+            # the placeholder, so say so; loopback teachers rarely check keys anyway.
+            log.warning(
+                "teacher %s: environment variable %s is not set; sending a placeholder key to"
+                " the loopback teacher at %s", teacher.name, teacher.api_key_env, teacher.base_url,
+            )
         return ApiKey(LOOPBACK_PLACEHOLDER_KEY, "placeholder for a loopback teacher")
     problems.append(
         f"teacher {teacher.name}: environment variable {teacher.api_key_env} is not set;"

@@ -412,8 +412,15 @@ class Harvester:
         row["attempts"] = item.attempts
         self._writer.add_failure(row)
         self.stats.failed += 1
-        log.info("request %s failed after %d attempts: %s: %s", item.request_id, item.attempts,
-                 type(error).__name__, error)
+        if self.stats.count_failure(error):
+            # One line per cause at the default verbosity, so a wrong URL, model or key is
+            # visible at once; every later failure of the same cause logs at INFO.
+            log.warning("request %s failed after %d attempts: %s: %s (further failures of this"
+                        " kind are counted in the summary)", item.request_id, item.attempts,
+                        type(error).__name__, error)
+        else:
+            log.info("request %s failed after %d attempts: %s: %s", item.request_id, item.attempts,
+                     type(error).__name__, error)
         if isinstance(error, MissingLogprobsError) and not lane.warned_missing_logprobs:
             lane.warned_missing_logprobs = True
             log.error(

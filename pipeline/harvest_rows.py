@@ -55,11 +55,26 @@ class HarvestStats:
     completion_tokens: int = 0
     started_monotonic: float = field(default_factory=time.monotonic)
     finished_monotonic: float | None = None
+    # Failed requests per cause ("ErrorType" or "ErrorType HTTP 404"), with the first message.
+    failure_causes: dict[str, int] = field(default_factory=dict)
+    failure_examples: dict[str, str] = field(default_factory=dict)
 
     @property
     def wall_s(self) -> float:
         end = self.finished_monotonic if self.finished_monotonic is not None else time.monotonic()
         return end - self.started_monotonic
+
+    def count_failure(self, error: BaseException) -> bool:
+        """Count a failed request by cause; return True the first time a cause is seen."""
+        cause = type(error).__name__
+        status = getattr(error, "status", None)
+        if status is not None:
+            cause = f"{cause} HTTP {status}"
+        first = cause not in self.failure_causes
+        self.failure_causes[cause] = self.failure_causes.get(cause, 0) + 1
+        if first:
+            self.failure_examples[cause] = str(error)
+        return first
 
     @property
     def resolved(self) -> int:
@@ -69,6 +84,7 @@ class HarvestStats:
         data = asdict(self)
         data.pop("started_monotonic")
         data.pop("finished_monotonic")
+        data.pop("failure_examples")
         data["wall_s"] = round(self.wall_s, 3)
         return data
 

@@ -206,11 +206,15 @@ class RecoveryReport:
     partial_files_removed: int = 0
     superseded_files_removed: int = 0
     journals_quarantined: int = 0
+    runs_marked_crashed: int = 0
 
     @property
     def changed(self) -> bool:
         return bool(
-            self.journals_found or self.partial_files_removed or self.superseded_files_removed
+            self.journals_found
+            or self.partial_files_removed
+            or self.superseded_files_removed
+            or self.runs_marked_crashed
         )
 
     def summary(self) -> str:
@@ -221,7 +225,8 @@ class RecoveryReport:
             f" {self.duplicates_skipped} duplicate rows skipped, {self.torn_tails} torn tails);"
             f" removed {self.partial_files_removed} partial and"
             f" {self.superseded_files_removed} superseded files;"
-            f" quarantined {self.journals_quarantined} invalid journal segments"
+            f" quarantined {self.journals_quarantined} invalid journal segments;"
+            f" marked {self.runs_marked_crashed} runs that died while running as crashed"
         )
 
 
@@ -420,6 +425,7 @@ class Store:
         with self.lock():
             self._remove_leftovers(report)
             self._replay_journals(report)
+            self._mark_dead_runs(report)
         if report.changed:
             logger.info("store %s: %s", self.root, report.summary())
         return report
@@ -439,6 +445,23 @@ class Store:
             if is_partial_name(path.name) and path.is_file():
                 path.unlink()
                 report.partial_files_removed += 1
+
+    def _mark_dead_runs(self, report: RecoveryReport) -> None:
+        # A run row still says "running" only if its process died before writing the final
+        # status; with the lock held here, no live harvest can own such a row.
+        for path in sorted((self.root / "runs").glob("*.parquet")):
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except (OSError, pa.ArrowException) as error:
+                logger.warning("cannot read run record %s: %s", path, error)
+                continue
+            if len(rows) != 1 or rows[0].get("status") != "running":
+                continue
+            row = rows[0]
+            row["status"] = "crashed"
+            self.write_run(row)
+            report.runs_marked_crashed += 1
+            logger.warning("run %s ended without a final status; marked as crashed", row["run_id"])
 
     def _replay_journals(self, report: RecoveryReport) -> None:
         journal_dir = self.root / JOURNAL_DIR

@@ -199,6 +199,8 @@ def test_retries_exhausted_records_cause(tmp_path: Path) -> None:
     assert rows[0][5] == "p0"
     assert len([entry for entry in log if entry.prompt == prompt_text(0)]) == 4
     assert result.status == "failed"
+    assert result.stats.failure_causes == {"ServerError HTTP 500": 1}
+    assert "HTTP 500" in result.stats.failure_examples["ServerError HTTP 500"]
 
 
 @pytest.mark.slow

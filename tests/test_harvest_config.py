@@ -53,6 +53,17 @@ def test_flags_build_teacher_with_defaults(prompts: Path) -> None:
     assert config.deadline_s == 900.0
 
 
+def test_unset_named_key_variable_warns(prompts: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = build_harvest_config(flags(prompts, base_url=LOCAL, model="m", api_key_env="MY_KEY"), environ={})
+    assert config.teachers[0].api_key.reveal() == LOOPBACK_PLACEHOLDER_KEY
+    assert "MY_KEY is not set" in caplog.text
+
+
+def test_default_key_variable_unset_is_quiet(prompts: Path, caplog: pytest.LogCaptureFixture) -> None:
+    build_harvest_config(flags(prompts, base_url=LOCAL, model="m"), environ={})
+    assert "is not set" not in caplog.text
+
+
 def test_remote_teacher_needs_key_variable(prompts: Path) -> None:
     message = config_problems(prompts, base_url=REMOTE, model="m", api_key_env="MY_KEY")
     assert "MY_KEY is not set" in message

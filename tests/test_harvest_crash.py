@@ -90,7 +90,8 @@ def test_kill_9_then_resume_stores_each_prompt_once(tmp_path: Path) -> None:
         assert response == expected_response(body, "chat")["choices"][0]["message"]["content"]
 
     statuses = [status for (status,) in query(store, "SELECT status FROM runs ORDER BY started_at")]
-    assert statuses == ["running"] * len(kill_points) + ["completed"]
+    # Each later run found the killed runs still "running" and marked them crashed.
+    assert statuses == ["crashed"] * len(kill_points) + ["completed"]
     assert list((store / "journal").iterdir()) == []
 
 

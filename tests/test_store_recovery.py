@@ -248,3 +248,17 @@ def test_invalid_journal_is_quarantined(tmp_path: Path) -> None:
     assert not path.exists()
     assert len(list((store.root / "quarantine" / "journal").iterdir())) == 1
     assert "invalid journal rows" in (store.root / "quarantine" / "report.jsonl").read_text()
+
+
+def test_recover_marks_dead_runs_crashed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    store.write_run({"run_id": "dead-run", "status": "running", "requests": 7})
+    store.write_run({"run_id": "done-run", "status": "completed", "requests": 3})
+
+    report = store.recover()
+
+    assert report.runs_marked_crashed == 1
+    connection = connect(store.root)
+    rows = connection.execute("SELECT run_id, status, requests FROM runs ORDER BY run_id").fetchall()
+    assert rows == [("dead-run", "crashed", 7), ("done-run", "completed", 3)]
+    assert store.recover().runs_marked_crashed == 0

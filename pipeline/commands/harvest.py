@@ -161,6 +161,9 @@ def _tuned_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+FAILURE_CAUSES_SHOWN = 5
+
+
 def _fail_usage(message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     raise SystemExit(2)
@@ -185,6 +188,11 @@ def format_summary(result: HarvestResult) -> str:
         "  query      pipeline sql --store {store} \"SELECT teacher, finish_reason, count(*) AS n"
         " FROM responses WHERE run_id = '{run}' GROUP BY ALL\"".format(store=store, run=result.run_id),
     ]
+    causes = sorted(stats.failure_causes.items(), key=lambda item: -item[1])
+    for cause, count in causes[:FAILURE_CAUSES_SHOWN]:
+        lines.append(f"  failed     {count} x {cause}: {stats.failure_examples[cause]}")
+    if len(causes) > FAILURE_CAUSES_SHOWN:
+        lines.append(f"  failed     ... and {len(causes) - FAILURE_CAUSES_SHOWN} more causes")
     if stats.failed or stats.invalid_lines:
         lines.append(
             "  failures   pipeline sql --store {store} \"SELECT error_type, http_status, count(*) AS n,"
