@@ -22,7 +22,7 @@ stored responses (the harvest resumes and sends nothing), and other harvest sett
 a store of their own instead of mixing with the first. Students are made and trained
 afresh each run.
 
-    python -m benchmarks.bench_distill                       # 7 to 8 minutes, see DISTILL.md
+    python -m benchmarks.bench_distill                       # 7 to 11 minutes, see DISTILL.md
     python -m benchmarks.bench_distill --quick               # 1 to 2 minutes
     python -m benchmarks.bench_distill --seeds 0,1,2 --out benchmarks/out/distill-seeds
 """
