@@ -31,8 +31,8 @@ from benchmarks.mock_teacher import MockConfig, MockProcess
 from benchmarks.reference_clients import CLIENTS
 
 # The httpx 0.29 clients (httpcore 1.0's connection pool) cost 12-15 ms of CPU per
-# request at concurrency 64 on the 2-core benchmark machine, so they run only up to
-# this many prompts; more would add minutes and no information.
+# request at concurrency 64 on the 2-core benchmark machine. So they run only up to
+# this many prompts, because more would add minutes and no information.
 SLOW_CLIENT_MAX_PROMPTS = {"httpx-json": 2_000, "httpx-orjson": 2_000}
 HARVESTER = "harvester"
 # A client run still going after this many seconds is killed and reported as failed.
@@ -108,9 +108,9 @@ def measure(mock: MockProcess, client: str, size: int, concurrency: int, config:
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Compare the harvester with the best reference client of each size and concurrency.
 
-    Requests/s is compared with the reference client of the highest requests/s, CPU per
-    request with the one of the lowest CPU per request; on a loaded machine these can
-    be different clients.
+    Requests/s is compared with the reference client of the highest requests/s, and CPU
+    per request with the one of the lowest CPU per request. On a loaded machine these
+    can be different clients.
     """
     out = []
     for harvest in (r for r in rows if r["client"] == HARVESTER and r["status"] == "ok"):

@@ -4,7 +4,7 @@ A harvester that streams its prompts file and flushes rows in batches keeps a fl
 memory profile: the peak RSS for 100,000 prompts should be close to the peak for
 10,000. For each size the script writes a prompts file of that many lines, streamed
 to disk, and runs ``pipeline harvest`` with high concurrency against the mock teacher.
-The mock answers after about 1 ms with small bodies (16 tokens, 5 alternatives), so a
+The mock responds after about 1 ms with small bodies (16 tokens, 5 alternatives), so a
 run is bounded by the harvester's bookkeeping rather than by parsing. ``--limit`` is
 passed to the harvester, which then reads only the first N lines of the file. A
 1,000,000-line file can so be given without sending a million requests.

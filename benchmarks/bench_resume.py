@@ -1,10 +1,10 @@
 """Resume cost: a harvest over a store that already contains every response.
 
 The first run harvests N prompts into a fresh store; the second run repeats the same
-command on the same store. The second run must send no request at all (counted on the
-mock teacher, not taken from the harvester's own report) and should take a small
-fraction of the first run's wall time: reading the stored request ids and hashing the
-prompts is all it has to do.
+command on the same store. The second run must send no request at all, counted on the
+mock teacher rather than taken from the harvester's own report. It should take a small
+fraction of the first run's wall time, because reading the stored request ids and
+hashing the prompts is all it has to do.
 
     python -m benchmarks.bench_resume --prompts 2000
     python -m benchmarks.bench_resume --quick

@@ -16,7 +16,7 @@ freed. So a thread samples the bytes malloc has handed out (glibc ``mallinfo2``)
 estimate that can miss a peak shorter than the interval. Time: the median of the steps
 after the measured one, and the fastest of them, from which tokens/s is computed.
 
-Models: ``tiny`` is the real stories260k checkpoint (vocabulary 512); ``wide`` is a
+Models: ``tiny`` is the real stories260k checkpoint (vocabulary 512). ``wide`` is a
 randomly initialised Llama with a 32,000-token vocabulary, where the logits dominate
 memory as they do in real students.
 

@@ -8,9 +8,8 @@ under test is always the bottleneck:
 - a raw :class:`asyncio.Protocol` HTTP/1.1 server (keep-alive, ``Content-Length``
   bodies, pipelining kept in order) with no framework and no JSON parsing of requests;
 - a pool of complete HTTP responses (status line, headers and body as one ``bytes``)
-  built once at start-up; a request gets the pool entry picked by a CRC-32 of its
-  body, so different prompts get different bodies and a retried request gets the same
-  one;
+  built once at start-up. A request gets the pool entry picked by a CRC-32 of its body,
+  so different prompts get different bodies and a retried request gets the same one;
 - latency by ``loop.call_later``, which costs one timer and no task or thread.
 
 ``GET /stats`` returns request counts and the mock's own CPU seconds, and
@@ -433,8 +432,8 @@ def parse_args(argv: list[str] | None = None) -> MockConfig:
     parser.add_argument("--k", type=int, default=defaults.top_k, help="top-k alternatives per token")
     parser.add_argument("--tokens", type=int, default=defaults.tokens, help="generated tokens per response")
     parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="distinct bodies per endpoint")
-    parser.add_argument("--fail-429", type=float, default=defaults.fail_429, help="share of generation requests answered 429")
-    parser.add_argument("--fail-500", type=float, default=defaults.fail_500, help="share of generation requests answered 500")
+    parser.add_argument("--fail-429", type=float, default=defaults.fail_429, help="share of generation requests that get HTTP 429")
+    parser.add_argument("--fail-500", type=float, default=defaults.fail_500, help="share of generation requests that get HTTP 500")
     parser.add_argument("--retry-after-ms", type=int, default=defaults.retry_after_ms, help="wait a 429 asks for, in ms")
     parser.add_argument("--model", default=defaults.model, help="model name in bodies and /v1/models")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of bodies and failure draws")

@@ -12,11 +12,10 @@ kept (``--gil``): threads blocked on a queue or in ``epoll`` do not count, and n
 does C code that releases the GIL (pyarrow's Parquet encoding, socket I/O), so the
 store's share is a lower bound.
 
-Frames are grouped into areas by their file. The areas are the HTTP stack (httpx,
-httpcore, h11, aiohttp, anyio's sockets), the openai SDK, response parsing, the store (the
-project's storage package and pyarrow), the harvest loop itself, the event loop, and
-module imports, which take every sample taken while a module is imported, class
-creation included. The raw profile stays in ``benchmarks/out/`` in py-spy's raw
+Frames are grouped into areas by their file: the HTTP stack (httpx, httpcore, h11,
+aiohttp, anyio's sockets), the openai SDK, response parsing, the store (the project's
+storage package and pyarrow), the harvest loop itself and the event loop. Every sample
+taken while a module is imported, class creation included, counts as imports. The raw profile stays in ``benchmarks/out/`` in py-spy's raw
 collapsed-stack format, which flamegraph.pl and speedscope read.
 
     python -m benchmarks.profile_harvest --prompts 2000 --concurrency 64

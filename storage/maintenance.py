@@ -46,11 +46,11 @@ from storage.schema import SCHEMA_VERSION, TABLE_SCHEMAS, validate_table, with_t
 from storage.store import (
     JOURNAL_DIR,
     MIGRATIONS,
-    PARQUET_COMPRESSION,
     RecoveryReport,
     Store,
     fsync_directory,
     fsync_file,
+    parquet_write_options,
     partial_path,
     quarantine_file,
     read_columns,
@@ -416,7 +416,8 @@ def _merge_group(root: Path, table: str, group: list[StoreFile], losers: dict[Pa
     target = root / table / f"part-compact-{stamp}-{secrets.token_hex(4)}.parquet"
     partial = partial_path(target)
     try:
-        with pq.ParquetWriter(partial, schema, compression=PARQUET_COMPRESSION) as writer:
+        options = parquet_write_options(schema.remove_metadata())
+        with pq.ParquetWriter(partial, schema, **options) as writer:
             for store_file in group:
                 for batch_table in _read_checked(store_file, losers.get(store_file.path, set())):
                     writer.write_table(batch_table.replace_schema_metadata(metadata))

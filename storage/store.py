@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -80,6 +81,39 @@ QUARANTINE_DIR = "quarantine"
 LAYOUT_DIRS = (*TABLES, JOURNAL_DIR, QUARANTINE_DIR)
 QUARANTINE_REPORT = "report.jsonl"
 PARQUET_COMPRESSION = "zstd"
+
+
+@functools.lru_cache(maxsize=16)
+def parquet_write_options(schema: pa.Schema) -> dict[str, Any]:
+    """Return ``pyarrow.parquet`` writer options for a table of ``schema``.
+
+    Float columns skip dictionary encoding and use BYTE_STREAM_SPLIT: logprobs rarely
+    repeat, so a dictionary only adds bytes, while splitting the float bytes into streams
+    lets zstd compress them. Lossless; on 490 responses of the tiny teacher with top-20
+    alternatives the files went from 125 to 104 bytes per generated token
+    (``benchmarks/bench_store.py`` has the full comparison).
+    """
+    floats: list[str] = []
+    others: list[str] = []
+
+    def walk(path: str, data_type: pa.DataType) -> None:
+        if pa.types.is_list(data_type):
+            walk(f"{path}.list.element", data_type.value_type)
+        elif pa.types.is_struct(data_type):
+            for child in data_type:
+                walk(f"{path}.{child.name}", child.type)
+        elif pa.types.is_floating(data_type):
+            floats.append(path)
+        else:
+            others.append(path)
+
+    for schema_field in schema:
+        walk(schema_field.name, schema_field.type)
+    return {
+        "compression": PARQUET_COMPRESSION,
+        "use_dictionary": others,
+        "column_encoding": {path: "BYTE_STREAM_SPLIT" for path in floats},
+    }
 # Pending response rows are built into an Arrow table this many at a time. For 64 tokens
 # x 20 alternatives a one-row table cost 0.43 ms of CPU and a row of a 32-row table about
 # 0.2 ms. Keeping a whole 256-row batch as Python lists instead raised the harvester's
@@ -112,7 +146,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """
     partial = partial_path(path)
     try:
-        pq.write_table(table, partial, compression=PARQUET_COMPRESSION)
+        pq.write_table(table, partial, **parquet_write_options(table.schema.remove_metadata()))
         fsync_file(partial)
         os.replace(partial, path)
     except BaseException:
