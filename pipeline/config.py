@@ -145,6 +145,9 @@ class HarvestConfig:
     deadline_s: float | None = 900.0
     limit: int | None = None
     cache_size: int = 10_000
+    # Stop the run after this many requests in a row failed with no response in between
+    # (a wrong URL, model or key); 0 never stops.
+    max_consecutive_failures: int = 100
     dry_run: bool = False
     progress: bool = True
     config_path: Path | None = None
@@ -176,6 +179,7 @@ class HarvestConfig:
             "deadline_s": self.deadline_s,
             "limit": self.limit,
             "cache_size": self.cache_size,
+            "max_consecutive_failures": self.max_consecutive_failures,
             "dry_run": self.dry_run,
         }
 
@@ -210,6 +214,7 @@ class HarvestFlags:
     deadline_s: float | None = None
     limit: int | None = None
     cache_size: int | None = None
+    max_consecutive_failures: int | None = None
     dry_run: bool = False
     progress: bool = True
 
@@ -256,6 +261,7 @@ def build_harvest_config(
         backoff_initial_s=flags.backoff_initial_s,
         limit=flags.limit,
         cache_size=flags.cache_size,
+        max_consecutive_failures=flags.max_consecutive_failures,
     )
     if flags.deadline_s is not None:
         # --deadline 0 turns the deadline off.
@@ -482,6 +488,10 @@ def validate_harvest_config(config: HarvestConfig) -> list[str]:
         problems.append(f"--limit {config.limit} must be at least 1")
     if config.cache_size < 0:
         problems.append(f"--cache-size {config.cache_size} must be 0 (no cache) or more")
+    if config.max_consecutive_failures < 0:
+        problems.append(
+            f"--max-consecutive-failures {config.max_consecutive_failures} must be 0 (never stop) or more"
+        )
     _check_seconds(problems, "--timeout", config.timeout_s, allow_zero=False)
     _check_seconds(problems, "--max-retry-wait", config.max_retry_wait_s, allow_zero=True)
     _check_seconds(problems, "--backoff-initial", config.backoff_initial_s, allow_zero=False)

@@ -96,6 +96,7 @@ class HarvestResult:
     stats: HarvestStats
     store_path: Path
     interrupted_by: int | None = None
+    stopped_reason: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -145,6 +146,8 @@ class Harvester:
         self.run_id = self.hooks.run_id or new_run_id()
         self.stats = HarvestStats()
         self.interrupted_by: int | None = None
+        self.stopped_reason: str | None = None
+        self._consecutive_failures = 0
         self.policy = RetryPolicy(
             max_attempts=config.max_attempts,
             deadline_s=config.deadline_s,
@@ -188,7 +191,9 @@ class Harvester:
                     self._writer.close()
                     store.write_run(self._run_row(status, started_at, utc_now()))
                     await self._close_clients()
-        return HarvestResult(self.run_id, status, self.stats, store.root, self.interrupted_by)
+        return HarvestResult(
+            self.run_id, status, self.stats, store.root, self.interrupted_by, self.stopped_reason
+        )
 
     def interrupt(self, signum: int) -> None:
         """Stop sending and cancel requests in flight; the run ends as interrupted."""
@@ -398,6 +403,7 @@ class Harvester:
             self.stats.skipped_stored += 1
             return _Done(parsed.choices[0].finish_reason)
         self.stats.responses += 1
+        self._consecutive_failures = 0
         self.stats.prompt_tokens += parsed.prompt_tokens or 0
         self.stats.completion_tokens += parsed.completion_tokens or 0
         choice = parsed.choices[0]
@@ -412,6 +418,8 @@ class Harvester:
         row["attempts"] = item.attempts
         self._writer.add_failure(row)
         self.stats.failed += 1
+        self._consecutive_failures += 1
+        self._stop_after_failure_streak(error)
         if self.stats.count_failure(error):
             # One line per cause at the default verbosity, so a wrong URL, model or key is
             # visible at once; every later failure of the same cause logs at INFO.
@@ -429,6 +437,21 @@ class Harvester:
                 " or --top-logprobs 0 to harvest text only",
                 lane.teacher.name, self.config.sampling.top_logprobs, error,
             )
+
+    def _stop_after_failure_streak(self, error: KDError) -> None:
+        # Requests failing back to back with no response in between mean a wrong URL,
+        # model or key far more often than bad luck, and would retry for hours.
+        limit = self.config.max_consecutive_failures
+        if not limit or self._consecutive_failures < limit or self.stopped_reason is not None:
+            return
+        self.stopped_reason = (
+            f"{self._consecutive_failures} requests in a row failed, the last with"
+            f" {type(error).__name__}; fix the cause shown above, or raise"
+            " --max-consecutive-failures (0 never stops)"
+        )
+        log.error("stopping the run: %s", self.stopped_reason)
+        if self._work_scope is not None:
+            self._work_scope.cancel()
 
     def _record_invalid_prompt(self, error: PromptError, *, teacher: str | None = None) -> None:
         self._writer.add_failure(

@@ -237,3 +237,28 @@ def test_duplicate_without_cache_stored_once(tmp_path: Path) -> None:
     assert result.stats.responses == 6
     assert result.stats.skipped_stored == 1
     assert query(store, "SELECT count(*) FROM responses") == [(6,)]
+
+
+def test_failure_streak_stops_run(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 200)
+    with FaultServer(FaultPlan(rates={"no-logprobs": 1.0})) as server:
+        config = make_config(prompts, tmp_path / "store", [make_teacher(server.base_url)],
+                             concurrency=2, max_consecutive_failures=10)
+        result = run_harvest(config)
+        sent = len(server.log)
+    assert result.stopped_reason is not None
+    assert "10 requests in a row failed" in result.stopped_reason
+    assert 10 <= result.stats.failed <= 12
+    assert sent < 20
+    assert result.status == "failed"
+    assert result.exit_code == 1
+
+
+def test_response_resets_failure_streak(tmp_path: Path) -> None:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 40)
+    with FaultServer(FaultPlan(sequence=["no-logprobs", "ok"] * 20)) as server:
+        config = make_config(prompts, tmp_path / "store", [make_teacher(server.base_url)],
+                             concurrency=1, max_consecutive_failures=2)
+        result = run_harvest(config)
+    assert result.stopped_reason is None
+    assert (result.stats.responses, result.stats.failed) == (20, 20)

@@ -101,6 +101,10 @@ Example:
 @click.option("--cache-size", type=int,
               help="Completed requests remembered to answer duplicate prompts without sending;"
                    f" 0 disables.  [default: {_DEFAULTS.cache_size}]")
+@click.option("--max-consecutive-failures", type=int,
+              help="Stop the run after this many requests in a row failed with no response in"
+                   " between, as with a wrong URL, model or key; 0 never stops. Unsent prompts are"
+                   f" sent by the next run.  [default: {_DEFAULTS.max_consecutive_failures}]")
 @click.option("--dry-run", is_flag=True, help="Validate the config and every prompt line; send and store nothing.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (it is hidden anyway when stderr is not a terminal).")
 def command(prompts: Path, no_progress: bool, stop: tuple[str, ...], deadline_s: float | None, **options: object) -> None:
@@ -199,7 +203,9 @@ def format_summary(result: HarvestResult) -> str:
             " any_value(message) AS example FROM failures WHERE run_id = '{run}' GROUP BY ALL\"".format(
                 store=store, run=result.run_id)
         )
-    if result.interrupted_by is not None:
+    if result.stopped_reason is not None:
+        lines.append(f"  stopped    early: {result.stopped_reason}")
+    if result.interrupted_by is not None or result.stopped_reason is not None:
         lines.append("  resume     run the same command again; stored requests are skipped")
     return "\n".join(lines)
 
