@@ -451,8 +451,8 @@ def resolve_api_key(
         return ApiKey(value, f"environment variable {teacher.api_key_env}")
     if is_loopback_url(teacher.base_url):
         if teacher.api_key_env != DEFAULT_API_KEY_ENV:
-            # A variable named on purpose but unset is more likely a typo than a wish for
-            # the placeholder, so say so; loopback teachers rarely check keys anyway.
+            # A variable named on purpose but unset is more likely a typo than a request for
+            # the placeholder, so warn. The run goes on because loopback teachers rarely check keys.
             log.warning(
                 "teacher %s: environment variable %s is not set; sending a placeholder key to"
                 " the loopback teacher at %s", teacher.name, teacher.api_key_env, teacher.base_url,

@@ -421,8 +421,8 @@ class Harvester:
         self._consecutive_failures += 1
         self._stop_after_failure_streak(error)
         if self.stats.count_failure(error):
-            # One line per cause at the default verbosity, so a wrong URL, model or key is
-            # visible at once; every later failure of the same cause logs at INFO.
+            # One line per cause at the default verbosity makes a wrong URL, model or key
+            # visible at once. Later failures of the same cause log at INFO.
             log.warning("request %s failed after %d attempts: %s: %s (further failures of this"
                         " kind are counted in the summary)", item.request_id, item.attempts,
                         type(error).__name__, error)

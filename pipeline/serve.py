@@ -19,7 +19,7 @@ Format details chosen to match OpenAI:
   gets 400 with code ``context_length_exceeded``.
 - Legacy ``text_offset`` counts characters from the start of the prompt, so the
   first generated token's offset is ``len(prompt)``. Each legacy ``top_logprobs``
-  dict holds the top ``logprobs`` tokens, most likely first, plus the sampled token
+  dict contains the top ``logprobs`` tokens, most likely first, plus the sampled token
   when it is not among them, so a dict has up to ``logprobs + 1`` entries. Chat
   ``top_logprobs`` lists hold exactly the top ``top_logprobs`` tokens.
 - ``usage.completion_tokens`` is the number of returned tokens summed over choices.

@@ -126,7 +126,7 @@ def read_store_metadata(root: Path) -> dict:
         raise StoreError(f"cannot read {path}: {exc}") from exc
     if not isinstance(metadata, dict):
         raise StoreError(
-            f"cannot read {path}: it holds a JSON {type(metadata).__name__}, not an object;"
+            f"cannot read {path}: it contains a JSON {type(metadata).__name__}, not an object;"
             f" `pipeline check --store {root}` rewrites it from the files present"
         )
     version = metadata.get("schema_version")

@@ -1,7 +1,7 @@
 """Write-ahead journal that makes each stored row durable before it reaches Parquet.
 
 A writer buffers rows and writes Parquet once per batch, so without a journal a
-``kill -9`` would lose every row since the last batch. A journal segment holds the rows
+``kill -9`` would lose every row since the last batch. A journal segment contains the rows
 of one batch of one table, in one of two formats:
 
 - ``journal/<segment>.responses.rows`` (:class:`RowJournalSegment`, what

@@ -54,6 +54,7 @@ from storage.store import (
     partial_path,
     quarantine_file,
     read_columns,
+    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def _repair_store_metadata(root: Path, report: CheckReport) -> None:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for migration in MIGRATIONS:
         migration.apply(root)
-    _write_json(
+    write_json_atomic(
         path,
         {
             "format": "kd-store",
@@ -181,14 +182,6 @@ def _repair_store_metadata(root: Path, report: CheckReport) -> None:
     report.metadata_problem = problem
     report.metadata_backup = str(backup)
     logger.warning("rewrote unreadable %s (%s); old file kept as %s", path, problem, backup)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    partial = partial_path(path)
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    fsync_file(partial)
-    os.replace(partial, path)
-    fsync_directory(path.parent)
 
 
 def _check_listing(listing: TableListing, report: CheckReport, *, deep: bool) -> None:

@@ -93,7 +93,7 @@ def is_heldout(key: str, holdout_fraction: float) -> bool:
 
 @dataclass(frozen=True)
 class RowQuery:
-    """Which stored responses to read, and in which order.
+    """Selection and order of the stored responses to read.
 
     By default only rows with a response and ``finish_reason = 'stop'`` are read:
     responses cut at max_tokens or blocked by a content filter are not complete teacher

@@ -115,7 +115,7 @@ class _Window:
 
 @dataclass
 class TrainSummary:
-    """What a finished run reports."""
+    """Summary of a finished run."""
 
     steps: int
     skipped_steps: int
