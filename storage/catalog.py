@@ -13,7 +13,11 @@ A file named in another file's ``kd.replaces`` metadata (written by compaction) 
 hidden as well, which makes a compaction atomic for readers.
 
 Files written under different schema versions are read together. Each group of files
-with one physical schema is converted to the current schema in SQL. Missing columns
+with one physical schema and one logprob encoding is converted to the current schema in
+SQL. Files of schema version 2 store logprobs quantised or as float32 and leave out
+token bytes that equal the token's UTF-8 (see :mod:`storage.encoding`); their
+``kd.logprob_encoding`` metadata selects the SQL that decodes them, so the views show
+the same columns and types for every file. Missing columns
 and struct fields become NULL, and so do columns typed ``null`` (inferred from rows
 that were all NULL), with the current type. Extra fields are dropped. DuckDB's
 ``union_by_name`` is not used: older DuckDB releases reject a struct that gained a
@@ -34,6 +38,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DamagedFileError, StoreError
+from storage.encoding import (
+    LOGPROB_ENCODING_KEY,
+    LogprobEncoding,
+    decode_bytes_sql,
+    decode_logprob_sql,
+)
 from storage.schema import SCHEMA_VERSION, SCHEMA_VERSION_KEY, TABLE_KIND_KEY, TABLE_SCHEMAS
 
 logger = logging.getLogger(__name__)
@@ -75,6 +85,12 @@ class StoreFile:
     schema: pa.Schema
     schema_version: int | None
     replaces: tuple[str, ...] = ()
+    logprob_encoding: LogprobEncoding | None = None
+    """The ``kd.logprob_encoding`` of a responses file; ``None`` for files that have none.
+
+    A file that has one stores its logprob columns in the form :mod:`storage.encoding`
+    defines, even where the column types equal the current schema's.
+    """
 
 
 @dataclass(frozen=True)
@@ -184,7 +200,8 @@ def inspect_file(path: Path, table: str) -> StoreFile:
     if schema.get_field_index(key) < 0:
         raise DamagedFileError(f"missing the key column {key!r}", path=str(path))
     try:
-        select_columns_sql(schema, TABLE_SCHEMAS[table])
+        encoding = _logprob_encoding(key_values.get(LOGPROB_ENCODING_KEY))
+        select_columns_sql(schema, TABLE_SCHEMAS[table], encoding)
     except IncompatibleColumnError as exc:
         raise DamagedFileError(str(exc), path=str(path)) from exc
 
@@ -196,7 +213,19 @@ def inspect_file(path: Path, table: str) -> StoreFile:
         schema=schema.remove_metadata(),
         schema_version=_int_or_none(key_values.get(SCHEMA_VERSION_KEY)),
         replaces=tuple(_decode_replaces(key_values.get(REPLACES_KEY))),
+        logprob_encoding=encoding,
     )
+
+
+def _logprob_encoding(raw: bytes | None) -> LogprobEncoding | None:
+    if raw is None:
+        return None
+    try:
+        return LogprobEncoding.from_metadata(raw)
+    except ValueError as exc:
+        raise IncompatibleColumnError(
+            f"{exc}; the file was written by a newer kd-pipeline: upgrade to read it"
+        ) from None
 
 
 def _int_or_none(raw: bytes | None) -> int | None:
@@ -374,14 +403,31 @@ def convert_sql(expr: str, source: pa.DataType, target: pa.DataType, depth: int 
     raise IncompatibleColumnError(f"type {source} cannot be read as {target}")
 
 
-def select_columns_sql(file_schema: pa.Schema, target_schema: pa.Schema) -> list[str]:
-    """Return one ``<expr> AS <name>`` item per target column for files of ``file_schema``."""
+def select_columns_sql(
+    file_schema: pa.Schema,
+    target_schema: pa.Schema,
+    logprob_encoding: LogprobEncoding | None = None,
+) -> list[str]:
+    """Return one ``<expr> AS <name>`` item per target column for files of ``file_schema``.
+
+    ``logprob_encoding`` is the file's ``kd.logprob_encoding``: with it, the stored
+    logprob and token bytes columns are decoded. Raises :class:`IncompatibleColumnError`
+    for a file that stores quantised logprobs without one, and for one whose logprob
+    type differs from its encoding's.
+    """
+    if logprob_encoding is None:
+        _check_not_encoded(file_schema)
+    else:
+        _check_encoded_types(file_schema, logprob_encoding)
     items = []
     for target_field in target_schema:
         name = quote_identifier(target_field.name)
         index = file_schema.get_field_index(target_field.name)
         if index < 0:
             expr = f"CAST(NULL AS {duckdb_type(target_field.type)})"
+        elif logprob_encoding is not None and target_field.name in _ENCODED_COLUMNS:
+            expr = _decoded_column_sql(target_field.name, file_schema, logprob_encoding)
+            expr = f"CAST({expr} AS {duckdb_type(target_field.type)})"
         else:
             source_type = file_schema.field(index).type
             try:
@@ -394,17 +440,87 @@ def select_columns_sql(file_schema: pa.Schema, target_schema: pa.Schema) -> list
     return items
 
 
+# Columns whose stored form depends on the file's logprob encoding.
+_ENCODED_COLUMNS = ("token_logprobs", "token_bytes", "top_logprobs")
+
+
+def _check_not_encoded(file_schema: pa.Schema) -> None:
+    """Reject quantised logprobs in a file without ``kd.logprob_encoding``.
+
+    Without this check an integer logprob code would be cast to FLOAT as if it were a
+    logprob.
+    """
+    for name, path in _LOGPROB_LEAVES:
+        index = file_schema.get_field_index(name)
+        if index >= 0 and _has_integer_leaf(file_schema.field(index).type, path):
+            raise IncompatibleColumnError(
+                f"integer values in {name!r} without {LOGPROB_ENCODING_KEY.decode()} metadata:"
+                " the stored logprobs cannot be decoded"
+            )
+
+
+def _check_encoded_types(file_schema: pa.Schema, encoding: LogprobEncoding) -> None:
+    """Reject a file whose stored logprobs are not of the type its encoding names."""
+    for name, path in _LOGPROB_LEAVES:
+        index = file_schema.get_field_index(name)
+        leaf = _leaf_type(file_schema.field(index).type, path) if index >= 0 else None
+        if leaf is not None and not leaf.equals(encoding.value_type):
+            raise IncompatibleColumnError(
+                f"column {name!r} stores {leaf} values, but the file's"
+                f" {LOGPROB_ENCODING_KEY.decode()} {encoding.name!r} stores {encoding.value_type}"
+            )
+
+
+# Logprob leaves of the responses schema: (column, struct fields from the list element).
+_LOGPROB_LEAVES = (("token_logprobs", ()), ("top_logprobs", ("logprob",)))
+
+
+def _has_integer_leaf(arrow_type: pa.DataType, path: tuple[str, ...]) -> bool:
+    leaf = _leaf_type(arrow_type, path)
+    return leaf is not None and pa.types.is_integer(leaf)
+
+
+def _leaf_type(arrow_type: pa.DataType, path: tuple[str, ...]) -> pa.DataType | None:
+    """Return the type at ``path`` below the list levels of ``arrow_type``, or ``None``."""
+    while _is_list(arrow_type):
+        arrow_type = arrow_type.value_type
+    for name in path:
+        if not pa.types.is_struct(arrow_type) or arrow_type.get_field_index(name) < 0:
+            return None
+        arrow_type = arrow_type.field(name).type
+    return arrow_type
+
+
+def _decoded_column_sql(name: str, file_schema: pa.Schema, encoding: LogprobEncoding) -> str:
+    """Return SQL that decodes a stored logprob or token bytes column of a version 2 file."""
+    column = quote_identifier(name)
+    if name == "token_logprobs":
+        return f"list_transform({column}, lambda x: {decode_logprob_sql('x', encoding)})"
+    if name == "token_bytes":
+        # DuckDB list indices are 1-based, as is the index argument of the lambda.
+        token = f"{quote_identifier('tokens')}[i]"
+        return f"list_transform({column}, lambda b, i: {decode_bytes_sql('b', token)})"
+    packed = (
+        f"struct_pack(token := a.token, logprob := {decode_logprob_sql('a.logprob', encoding)},"
+        f" bytes := {decode_bytes_sql('a.bytes', 'a.token')})"
+    )
+    return (
+        f"list_transform({column}, lambda p: list_transform(p, lambda a:"
+        f" CASE WHEN a IS NULL THEN NULL ELSE {packed} END))"
+    )
+
+
 def table_select_sql(table: str, files: Iterable[StoreFile]) -> str:
     """Return a SELECT over ``files`` with exactly the current columns of ``table``.
 
-    Files are grouped by physical schema so each group is one ``read_parquet`` call;
-    the groups are joined with UNION ALL.
+    Files are grouped by physical schema and logprob encoding, so each group is one
+    ``read_parquet`` call; the groups are joined with UNION ALL.
     """
     target = TABLE_SCHEMAS[table]
-    groups: dict[str, list[StoreFile]] = {}
+    groups: dict[tuple[str, LogprobEncoding | None], list[StoreFile]] = {}
     for store_file in files:
-        key = store_file.schema.to_string(show_field_metadata=False, show_schema_metadata=False)
-        groups.setdefault(key, []).append(store_file)
+        schema = store_file.schema.to_string(show_field_metadata=False, show_schema_metadata=False)
+        groups.setdefault((schema, store_file.logprob_encoding), []).append(store_file)
 
     if not groups:
         empty = ", ".join(
@@ -414,7 +530,7 @@ def table_select_sql(table: str, files: Iterable[StoreFile]) -> str:
 
     selects = []
     for group in groups.values():
-        columns = ", ".join(select_columns_sql(group[0].schema, target))
+        columns = ", ".join(select_columns_sql(group[0].schema, target, group[0].logprob_encoding))
         paths = ", ".join(quote_literal(str(f.path.resolve())) for f in group)
         selects.append(f"SELECT {columns} FROM read_parquet([{paths}])")
     return "\nUNION ALL\n".join(selects)

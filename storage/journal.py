@@ -18,6 +18,11 @@ before ``append`` returns, so a killed process loses at most the row it was writ
 The data then sits in the OS page cache: it survives the death of the process, not a
 power loss, unless :meth:`JournalSegment.sync` ran.
 
+Journals hold rows in the logical schema of :mod:`storage.schema`. The stored form of
+the logprob columns (:mod:`storage.encoding`) is applied only when a segment is
+committed or replayed to Parquet, in the store's encoding at that time, so rows
+journaled before a crash are recovered whatever the encoding setting.
+
 Replay reads every complete record and ignores a torn tail (a record cut by the kill,
 or whose CRC does not match), because only the last write can be incomplete when a
 process dies.

@@ -43,6 +43,8 @@ _CORRUPTION_MARKERS = (
     "unexpected end",
     "out of buffer",
     "tprotocol",
+    # Thrift's message for a field type byte it cannot parse, as in a damaged page header.
+    "don't know what type",
     "parquet",
     "page",
 )

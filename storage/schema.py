@@ -24,8 +24,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 1
-"""Version written into every file's metadata under ``kd.schema_version``."""
+SCHEMA_VERSION = 2
+"""Version written into every file's metadata under ``kd.schema_version``.
+
+Version 2 changed only how responses files store the logprob columns (quantised
+logprobs, token bytes left out where they equal the token's UTF-8; see
+:mod:`storage.encoding`). The logical schemas below, which writers build and readers
+see, are the same as in version 1.
+"""
 
 SCHEMA_VERSION_KEY = b"kd.schema_version"
 TABLE_KIND_KEY = b"kd.table"
@@ -152,6 +158,9 @@ class LogprobColumns:
     top_logprobs: list[float | None] = field(default_factory=list)
     top_bytes: list[bytes | None] = field(default_factory=list)
     text_offset: list[int] | None = None
+    element_types_checked: bool = field(default=False, compare=False)
+    """Set by the response parser, whose lists hold only the types the schema stores,
+    so :func:`checked_row` skips scanning the type of every element."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -331,7 +340,7 @@ def _checked_scalar(value: Any, schema_field: pa.Field) -> Any:
 
 def _check_logprobs(logprobs: LogprobColumns) -> None:
     logprobs.validate()
-    for name, allowed in _LOGPROB_ELEMENT_TYPES.items():
+    for name, allowed in () if logprobs.element_types_checked else _LOGPROB_ELEMENT_TYPES.items():
         found = set(map(type, getattr(logprobs, name)))
         if not found <= allowed:
             names = ", ".join(sorted(t.__name__ for t in found - allowed))

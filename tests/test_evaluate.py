@@ -15,6 +15,7 @@ from pipeline.cli import cli
 from student.config import EvalConfig
 from student.data import RowQuery, is_heldout, iter_rows
 from student.evaluate import evaluate_model, evaluate_store
+from storage.store import Store
 from student.model import load_student
 from tests.fixtures_student import damage_data_pages, standard_store
 
@@ -23,7 +24,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, model_dir: Path, stories_prompts: Path) -> Path:
-    return standard_store(tmp_path_factory.mktemp("store"), model_dir, stories_prompts)
+    root = tmp_path_factory.mktemp("store")
+    # The checks compare the model's metrics with the stored logprobs to 1e-4, so the
+    # store keeps them exactly instead of in the default 1/8-nat steps.
+    Store(root).set_logprob_encoding("float32")
+    return standard_store(root, model_dir, stories_prompts)
 
 
 def expected_metrics(store: Path) -> dict[str, float]:

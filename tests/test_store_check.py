@@ -15,7 +15,7 @@ from storage.catalog import connect
 from storage.journal import JournalSegment, journal_path
 from storage.maintenance import check_store
 from storage.schema import build_responses_table
-from storage.store import Store
+from storage.store import MIGRATIONS, Store
 from tests.fixtures_store import make_response_row
 
 
@@ -176,11 +176,24 @@ def test_check_fix_rewrites_corrupt_store_json(store: Store) -> None:
     assert backups[0].read_text() == corrupt
     metadata = json.loads((store.root / "store.json").read_text())
     assert metadata["format"] == "kd-store"
-    assert [step["name"] for step in metadata["migrations"]] == ["0001_create_layout"]
+    assert [step["name"] for step in metadata["migrations"]] == [m.name for m in MIGRATIONS]
     assert response_count(store) == rows_before
 
     again = CliRunner().invoke(cli, ["check", "--store", str(store.root)])
     assert again.exit_code == 0, again.output
+
+
+def test_check_fix_keeps_lossless_encoding(store: Store) -> None:
+    store.set_logprob_encoding("float32")
+    with store.writer("run-float32", batch_rows=2) as writer:
+        writer.add_response(make_response_row(100))
+    (store.root / "store.json").write_text("not json")
+
+    result = CliRunner().invoke(cli, ["check", "--store", str(store.root)])
+
+    assert result.exit_code == 1, result.output
+    assert json.loads((store.root / "store.json").read_text())["logprob_encoding"] == "float32"
+    assert Store(store.root).logprob_encoding.name == "float32"
 
 
 def test_check_leaves_non_store_json_alone(tmp_path: Path) -> None:

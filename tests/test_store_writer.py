@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.errors import StoreError
 from storage.catalog import connect
+from storage.encoding import DEFAULT_LOGPROB_ENCODING, LOGPROB_ENCODING_KEY, stored_responses_schema
 from storage.journal import list_journals, read_journal
 from storage.schema import (
     SCHEMA_VERSION,
@@ -20,7 +21,7 @@ from storage.schema import (
     build_responses_table,
     validate_table,
 )
-from storage.store import Store, partial_path
+from storage.store import MIGRATIONS, Store, partial_path
 from tests.fixtures_store import make_failure_row, make_response_row
 
 
@@ -51,8 +52,9 @@ def test_writer_round_trip_through_views(store: Store) -> None:
     assert row[0] == "p3"
     assert row[1] == [" w0", " w1", " w2", " w3"]
     assert row[2][0] is None
-    assert row[2][1] == pytest.approx(-0.25)
-    assert row[3] == {"token": " a1_0", "logprob": pytest.approx(-0.8), "bytes": b" a1_0"}
+    # The default encoding stores logprobs in steps of 1/8 nat, so each moves by <= 1/16.
+    assert row[2][1] == pytest.approx(-0.25, abs=1 / 16)
+    assert row[3] == {"token": " a1_0", "logprob": pytest.approx(-0.8, abs=1 / 16), "bytes": b" a1_0"}
     assert row[4] == "length"
 
 
@@ -64,7 +66,9 @@ def test_writer_files_have_version_and_zstd(store: Store) -> None:
     parquet_file = pq.ParquetFile(path)
     assert parquet_file.metadata.metadata[SCHEMA_VERSION_KEY] == str(SCHEMA_VERSION).encode()
     assert parquet_file.metadata.row_group(0).column(0).compression == "ZSTD"
-    assert parquet_file.schema_arrow.equals(TABLE_SCHEMAS["responses"], check_metadata=False)
+    stored = stored_responses_schema(DEFAULT_LOGPROB_ENCODING)
+    assert parquet_file.schema_arrow.equals(stored, check_metadata=False)
+    assert parquet_file.metadata.metadata[LOGPROB_ENCODING_KEY] == DEFAULT_LOGPROB_ENCODING.to_metadata()
 
 
 def test_writer_commits_every_batch_rows(store: Store) -> None:
@@ -250,7 +254,7 @@ def test_store_records_migrations(store: Store) -> None:
 
     metadata = json.loads((store.root / "store.json").read_text())
     assert metadata["schema_version"] == SCHEMA_VERSION
-    assert [step["name"] for step in metadata["migrations"]] == ["0001_create_layout"]
+    assert [step["name"] for step in metadata["migrations"]] == [m.name for m in MIGRATIONS]
     for name in ["responses", "failures", "runs", "journal", "quarantine"]:
         assert (store.root / name).is_dir()
     Store(store.root, create=False)
