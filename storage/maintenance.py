@@ -10,6 +10,14 @@ page. Damaged files are moved to ``quarantine/`` with a line in
 merged file names its sources in its ``kd.replaces`` metadata: once the merged file is
 renamed into place, readers hide the sources, and recovery deletes them if the
 process died before it could.
+
+:func:`compact_tiered` is the incremental compaction that ``pipeline harvest`` runs
+after each run. It sorts the files that are not yet full size into size tiers, a
+factor ``fanout`` apart, and merges only when a tier has ``fanout`` files, as a
+size-tiered LSM tree does. Each merge moves rows at least one tier up, so every row is
+rewritten once per tier (a handful of times in all) and the work of one run stays
+proportional to the rows it added, while the number of files stays bounded. It reuses
+the merge of :func:`compact_store`, with the same crash safety.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +40,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DamagedFileError, StoreLockedError
 from storage.catalog import (
     REPLACES_KEY,
+    inspect_file,
     STORE_METADATA_FILE,
     TABLES,
     SkippedEntry,
@@ -41,10 +50,18 @@ from storage.catalog import (
     read_store_metadata,
     table_select_sql,
 )
+from storage.encoding import (
+    DEFAULT_LOGPROB_ENCODING,
+    FLOAT32_ENCODING,
+    LogprobEncoding,
+    encode_responses_table,
+    stored_responses_schema,
+)
 from storage.journal import list_journals
 from storage.schema import SCHEMA_VERSION, TABLE_SCHEMAS, validate_table, with_table_metadata
 from storage.store import (
     JOURNAL_DIR,
+    LOGPROB_ENCODING_SETTING,
     MIGRATIONS,
     RecoveryReport,
     Store,
@@ -63,6 +80,12 @@ logger = logging.getLogger(__name__)
 # replaces that file whenever the run's status changes.
 COMPACTED_TABLES = ("responses", "failures")
 READ_BATCH_ROWS = 4096
+# A merged file gets a new row group when this many rows or bytes (Arrow, in memory) are
+# buffered. One row group per source batch would leave the row groups of 256-row harvest
+# batches in place, and every row group costs DuckDB a scan step. The byte limit bounds
+# the memory of a merge: a 64-token top-20 response takes roughly 25 KB in Arrow (estimate).
+MERGE_ROW_GROUP_ROWS = 65_536
+MERGE_ROW_GROUP_BYTES = 64 * 2**20
 
 
 # --- Check ----------------------------------------------------------------------------
@@ -171,17 +194,27 @@ def _repair_store_metadata(root: Path, report: CheckReport) -> None:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for migration in MIGRATIONS:
         migration.apply(root)
-    write_json_atomic(
-        path,
-        {
-            "format": "kd-store",
-            "schema_version": SCHEMA_VERSION,
-            "migrations": [{"name": m.name, "applied_at": now} for m in MIGRATIONS],
-        },
-    )
+    metadata = {
+        "format": "kd-store",
+        "schema_version": SCHEMA_VERSION,
+        "migrations": [{"name": m.name, "applied_at": now} for m in MIGRATIONS],
+    }
+    # The lost file may have set a lossless encoding, so the newest responses file decides.
+    encoding = _newest_logprob_encoding(root)
+    if encoding is not None and encoding != DEFAULT_LOGPROB_ENCODING:
+        metadata[LOGPROB_ENCODING_SETTING] = encoding.name
+    write_json_atomic(path, metadata)
     report.metadata_problem = problem
     report.metadata_backup = str(backup)
     logger.warning("rewrote unreadable %s (%s); old file kept as %s", path, problem, backup)
+
+
+def _newest_logprob_encoding(root: Path) -> LogprobEncoding | None:
+    """Return the logprob encoding of the most recently written responses file, if any."""
+    files = list_table_files(root, "responses").files
+    if not files:
+        return None
+    return max(files, key=lambda f: f.path.stat().st_mtime).logprob_encoding
 
 
 def _check_listing(listing: TableListing, report: CheckReport, *, deep: bool) -> None:
@@ -277,6 +310,9 @@ class TableCompaction:
     files_after: int = 0
     rows_after: int = 0
     files_written: int = 0
+    files_merged: int = 0
+    """Source files rewritten into the files_written merged files."""
+    rows_merged: int = 0
     duplicates_removed: int = 0
     damaged_skipped: list[SkippedEntry] = field(default_factory=list)
 
@@ -298,14 +334,19 @@ def compact_store(root: str | Path, config: CompactConfig | None = None) -> Comp
     where they are and reported; run :func:`check_store` to set them aside.
     """
     config = config or CompactConfig()
-    store = Store(root, create=False)
+    return _compact_tables(Store(root, create=False), lambda root, table: _compact_table(root, table, config))
+
+
+def _compact_tables(store: Store, compact_table: Callable[[Path, str], TableCompaction]) -> CompactReport:
+    """Recover the store, then compact each table, all under the writer lock."""
     with store.lock():
         recovery = store.recover()
-        tables = [_compact_table(store.root, table, config) for table in COMPACTED_TABLES]
+        tables = [compact_table(store.root, table) for table in COMPACTED_TABLES]
     return CompactReport(tables=tables, recovery=recovery)
 
 
-def _compact_table(root: Path, table: str, config: CompactConfig) -> TableCompaction:
+def _start_compaction(root: Path, table: str) -> tuple[TableCompaction, list[StoreFile]]:
+    """Return the report of a table's compaction, filled with its state before, and its files by name."""
     listing = list_table_files(root, table)
     result = TableCompaction(
         table=table,
@@ -313,7 +354,11 @@ def _compact_table(root: Path, table: str, config: CompactConfig) -> TableCompac
         rows_before=listing.num_rows,
         damaged_skipped=listing.damaged,
     )
-    files = sorted(listing.files, key=lambda f: f.path.name)
+    return result, sorted(listing.files, key=lambda f: f.path.name)
+
+
+def _compact_table(root: Path, table: str, config: CompactConfig) -> TableCompaction:
+    result, files = _start_compaction(root, table)
     losers = _duplicate_rows(files) if table == "responses" else {}
     result.duplicates_removed = sum(len(rows) for rows in losers.values())
 
@@ -323,6 +368,8 @@ def _compact_table(root: Path, table: str, config: CompactConfig) -> TableCompac
             continue
         _merge_group(root, table, group, losers)
         result.files_written += 1
+        result.files_merged += len(group)
+        result.rows_merged += sum(f.num_rows for f in group)
 
     after = list_table_files(root, table)
     result.files_after = len(after.files)
@@ -399,10 +446,10 @@ def _duplicate_rows(files: list[StoreFile]) -> dict[Path, set[int]]:
 
 def _merge_group(root: Path, table: str, group: list[StoreFile], losers: dict[Path, set[int]]) -> Path:
     """Write the rows of ``group`` (without ``losers``) to one file, then remove the sources."""
-    schema = TABLE_SCHEMAS[table]
-    replaces = sorted({name for f in group for name in (f.path.name, *f.replaces)})
-    metadata = dict(with_table_metadata(schema.empty_table(), table).schema.metadata)
-    metadata[REPLACES_KEY] = json.dumps(replaces).encode()
+    encoding = _merged_encoding(table, group)
+    schema = TABLE_SCHEMAS[table] if encoding is None else stored_responses_schema(encoding)
+    metadata = dict(schema.metadata or with_table_metadata(schema.empty_table(), table).schema.metadata)
+    metadata[REPLACES_KEY] = json.dumps(_replaced_names(root / table, group)).encode()
     schema = schema.with_metadata(metadata)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -411,9 +458,8 @@ def _merge_group(root: Path, table: str, group: list[StoreFile], losers: dict[Pa
     try:
         options = parquet_write_options(schema.remove_metadata())
         with pq.ParquetWriter(partial, schema, **options) as writer:
-            for store_file in group:
-                for batch_table in _read_checked(store_file, losers.get(store_file.path, set())):
-                    writer.write_table(batch_table.replace_schema_metadata(metadata))
+            for row_group in _row_groups(group, losers, encoding):
+                writer.write_table(row_group.replace_schema_metadata(metadata))
         fsync_file(partial)
         os.replace(partial, target)
     except BaseException:
@@ -429,13 +475,76 @@ def _merge_group(root: Path, table: str, group: list[StoreFile], losers: dict[Pa
     return target
 
 
-def _read_checked(store_file: StoreFile, drop_rows: set[int]) -> Iterator[pa.Table]:
-    """Yield validated tables from :func:`_read_current_schema`, naming the file on failure."""
-    tables = _read_current_schema(store_file, drop_rows)
+def _merged_encoding(table: str, group: list[StoreFile]) -> LogprobEncoding | None:
+    """Return the logprob encoding of a merged responses file; ``None`` for other tables.
+
+    Sources that share an encoding keep it, so their stored columns are copied as they
+    are. Mixed sources, or files written before schema version 2, get ``float32``:
+    quantising them would change logprobs that were stored exactly.
+    """
+    if table != "responses":
+        return None
+    encodings = {store_file.logprob_encoding for store_file in group}
+    if len(encodings) == 1 and None not in encodings:
+        return encodings.pop()
+    return FLOAT32_ENCODING
+
+
+def _replaced_names(directory: Path, group: list[StoreFile]) -> list[str]:
+    """Return the names a merged file hides: the group's files and their replaced files.
+
+    A name a source replaced is kept only while that file still exists (a crash left it
+    behind), because segment names are never reused. Without this a file merged again
+    and again would carry the name of every file it ever absorbed in its footer.
+    """
+    names = {store_file.path.name for store_file in group}
+    for store_file in group:
+        names.update(name for name in store_file.replaces if (directory / name).exists())
+    return sorted(names)
+
+
+def _row_groups(
+    group: list[StoreFile], losers: dict[Path, set[int]], encoding: LogprobEncoding | None
+) -> Iterator[pa.Table]:
+    """Yield the checked rows of ``group`` in order, in tables of about one row group each."""
+    buffered: list[pa.Table] = []
+    rows = 0
+    size = 0
+    for store_file in group:
+        for table in _read_checked(store_file, losers.get(store_file.path, set()), encoding):
+            buffered.append(table)
+            rows += table.num_rows
+            size += table.nbytes
+            if rows >= MERGE_ROW_GROUP_ROWS or size >= MERGE_ROW_GROUP_BYTES:
+                yield pa.concat_tables(buffered)
+                buffered, rows, size = [], 0, 0
+    if buffered:
+        yield pa.concat_tables(buffered)
+
+
+def _read_checked(
+    store_file: StoreFile, drop_rows: set[int], encoding: LogprobEncoding | None = None
+) -> Iterator[pa.Table]:
+    """Yield the rows of a file as validated tables, naming the file on failure.
+
+    With ``encoding`` (responses only) the tables are in its stored form. A file
+    already stored that way is copied without decoding; others are read in the current
+    schema and encoded.
+    """
+    stored_as_is = encoding is not None and _is_stored_in(store_file, encoding)
+    if stored_as_is:
+        schema = stored_responses_schema(encoding).remove_metadata()
+        batches = pq.ParquetFile(store_file.path).iter_batches(batch_size=READ_BATCH_ROWS)
+        tables = _without_rows(batches, drop_rows, schema)
+    else:
+        tables = _read_current_schema(store_file, drop_rows)
     while True:
         try:
             table = next(tables)
-            validate_table(table, store_file.table)
+            if stored_as_is:
+                table.validate(full=True)
+            else:
+                validate_table(table, store_file.table)
         except StopIteration:
             return
         except (pa.ArrowException, OSError, ValueError, duckdb.Error) as exc:
@@ -443,7 +552,15 @@ def _read_checked(store_file: StoreFile, drop_rows: set[int]) -> Iterator[pa.Tab
                 f"unreadable while compacting: {exc}; run `pipeline check --deep` to set it aside",
                 path=str(store_file.path),
             ) from exc
+        if encoding is not None and not stored_as_is:
+            table = encode_responses_table(table, encoding)
         yield table
+
+
+def _is_stored_in(store_file: StoreFile, encoding: LogprobEncoding) -> bool:
+    return store_file.logprob_encoding == encoding and store_file.schema.equals(
+        stored_responses_schema(encoding), check_metadata=False
+    )
 
 
 def _read_current_schema(store_file: StoreFile, drop_rows: set[int]) -> Iterator[pa.Table]:
@@ -475,3 +592,118 @@ def _without_rows(batches, drop_rows: set[int], schema: pa.Schema) -> Iterator[p
         offset += batch.num_rows
         if table.num_rows:
             yield table
+
+
+# --- Tiered compaction after a harvest ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TieredCompactConfig:
+    """Size tiers of the compaction that ``pipeline harvest --compact auto`` runs.
+
+    A file with at least ``target_rows / 2`` rows is full size and never rewritten.
+    A smaller file is in tier k >= 1 when it has at least
+    ``target_rows / 2 / fanout**k`` rows, so tier 1 contains the largest small files. When a
+    tier has ``fanout`` files, that tier and every tier below it are merged into files
+    of at most ``target_rows`` rows.
+    """
+
+    target_rows: int = CompactConfig.target_rows
+    """Maximum rows per merged file, as for ``pipeline compact``."""
+    fanout: int = 10
+    """Files per tier that start a merge, and the size factor between tiers."""
+
+    def __post_init__(self) -> None:
+        if self.target_rows < 2:
+            raise ValueError(f"target_rows must be at least 2, got {self.target_rows}")
+        if self.fanout < 2:
+            raise ValueError(f"fanout must be at least 2, got {self.fanout}")
+
+    @property
+    def full_rows(self) -> int:
+        """Rows from which a file counts as full size."""
+        return self.target_rows // 2
+
+    def tier(self, num_rows: int) -> int:
+        """Return the tier of a file of ``num_rows`` rows; 0 for a full-size file."""
+        tier = 0
+        bound = self.full_rows
+        # Empty files share the tier of one-row files instead of sinking forever.
+        while num_rows < bound and bound >= 1:
+            tier += 1
+            bound /= self.fanout
+        return tier
+
+
+def plan_tiered_merge(files: list[StoreFile], config: TieredCompactConfig) -> list[StoreFile]:
+    """Return the files the next tiered merge rewrites, or ``[]`` when no tier is full.
+
+    Picks the largest-file tier that has ``config.fanout`` files and takes it together
+    with every tier of smaller files, in name order. Files of the smaller tiers add
+    fewer rows than the full tier itself, so taking them along costs little and leaves
+    at most ``fanout - 1`` files in each tier.
+    """
+    tiers = [config.tier(store_file.num_rows) for store_file in files]
+    counts: dict[int, int] = {}
+    for tier in tiers:
+        counts[tier] = counts.get(tier, 0) + 1
+    full = [tier for tier, count in counts.items() if tier > 0 and count >= config.fanout]
+    if not full:
+        return []
+    lowest = min(full)
+    chosen = [store_file for store_file, tier in zip(files, tiers) if tier >= lowest]
+    return sorted(chosen, key=lambda f: f.path.name)
+
+
+def compact_tiered(store: Store | str | Path, config: TieredCompactConfig | None = None) -> CompactReport:
+    """Merge full tiers of small files of responses and failures, holding the writer lock.
+
+    ``store`` is a store root, or a :class:`Store` whose lock the caller may already
+    hold (a harvest that compacts before it releases the store).
+
+    Runs :meth:`Store.recover` first, like :func:`compact_store`. Unlike it, this
+    reads only the footers of files it does not merge, and removes duplicate responses
+    only among the files it merges (``pipeline compact`` removes all of them).
+
+    Raises :class:`StoreLockedError` when another writer has the store, and
+    :class:`DamagedFileError` when a file to merge cannot be read. After either, and
+    after an interruption at any point, the store stays readable with every row once.
+
+    NOTE: merged sources are deleted at once, as in :func:`compact_store`. A reader
+    that connected before (a training job streaming rows) fails on a source it had not
+    opened yet and must reconnect. Deleting them only after a grace period would fix it.
+    """
+    config = config or TieredCompactConfig()
+    if not isinstance(store, Store):
+        store = Store(store, create=False)
+    return _compact_tables(store, lambda root, table: _compact_table_tiers(root, table, config))
+
+
+def _compact_table_tiers(root: Path, table: str, config: TieredCompactConfig) -> TableCompaction:
+    result, files = _start_compaction(root, table)
+
+    # Each pass merges at least fanout files into fewer, so the loop ends.
+    while chosen := plan_tiered_merge(files, config):
+        losers = _duplicate_rows(chosen) if table == "responses" else {}
+        result.duplicates_removed += sum(len(rows) for rows in losers.values())
+        written: list[StoreFile] = []
+        merged: set[Path] = set()
+        for group in _group_files(chosen, config.target_rows):
+            # Only the last group can be a single file: rewriting it alone gains nothing.
+            if len(group) == 1 and group[0].path not in losers:
+                continue
+            written.append(inspect_file(_merge_group(root, table, group, losers), table))
+            merged.update(f.path for f in group)
+            result.rows_merged += sum(f.num_rows for f in group)
+        result.files_written += len(written)
+        result.files_merged += len(merged)
+        files = sorted([f for f in files if f.path not in merged] + written, key=lambda f: f.path.name)
+
+    result.files_after = len(files)
+    result.rows_after = sum(f.num_rows for f in files)
+    if result.files_written:
+        logger.info(
+            "compacted %s: merged %d files (%d rows) into %d; %d files now",
+            table, result.files_merged, result.rows_merged, result.files_written, result.files_after,
+        )
+    return result

@@ -164,7 +164,7 @@ SCRIPTS = {
     "bench_resume": ["--prompts", "10", "--concurrency", "4", "--latency-ms", "1"],
     "bench_memory": ["--sizes", "10,30", "--limit", "20", "--concurrency", "4", "--tokens", "4", "--k", "2"],
     "bench_store": ["--prompts", "4", "--tokens", "8", "--k", "5"],
-    "bench_sql": ["--rows", "600", "--files", "6"],
+    "bench_sql": ["--rows", "600", "--runs", "3", "--repeats", "1", "--cli-repeats", "1"],
     "profile_harvest": ["--prompts", "10", "--concurrency", "4", "--latency-ms", "1", "--rate", "50"],
     "bench_train": ["--models", "tiny", "--batch-size", "1", "--seq-len", "16", "--steps", "1", "--modes", "topk"],
 }

@@ -18,9 +18,15 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.errors import DamagedFileError, StoreLockedError
 from storage.catalog import REPLACES_KEY, TABLE_KIND_KEY, connect, list_table_files
+from storage.encoding import (
+    DEFAULT_LOGPROB_ENCODING,
+    FLOAT32_ENCODING,
+    LOGPROB_ENCODING_KEY,
+    stored_responses_schema,
+)
 from storage.journal import JournalSegment, journal_path
 from storage.maintenance import CompactConfig, compact_store
-from storage.schema import TABLE_SCHEMAS, build_responses_table
+from storage.schema import build_responses_table
 from storage.store import Store
 from tests.conftest import REPO_DIR
 from tests.fixtures_store import BASE_TIME, make_failure_row, make_response_row
@@ -60,7 +66,9 @@ def test_compact_merges_small_files(tmp_path: Path) -> None:
     metadata = pq.read_metadata(merged).metadata
     assert len(json.loads(metadata[REPLACES_KEY])) == 10
     assert metadata[TABLE_KIND_KEY] == b"responses"
-    assert pq.read_schema(merged).equals(TABLE_SCHEMAS["responses"], check_metadata=False)
+    # The sources were written in the default encoding, so the merged file keeps it.
+    assert pq.read_schema(merged).equals(stored_responses_schema(DEFAULT_LOGPROB_ENCODING), check_metadata=False)
+    assert metadata[LOGPROB_ENCODING_KEY] == DEFAULT_LOGPROB_ENCODING.to_metadata()
 
 
 def test_compact_respects_target_rows(tmp_path: Path) -> None:
@@ -236,3 +244,21 @@ def test_compact_names_damaged_source(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["compact", "--store", str(store.root)])
     assert result.exit_code == 1
     assert "pipeline check --deep" in result.output
+
+
+def test_compact_mixed_encodings_stays_lossless(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    with store.writer("run-a", batch_rows=2) as writer:
+        for index in range(4):
+            writer.add_response(make_response_row(index))
+    store.set_logprob_encoding("float32")
+    with store.writer("run-b", batch_rows=2) as writer:
+        for index in range(4, 8):
+            writer.add_response(make_response_row(index))
+    before = all_rows(store)
+
+    compact_store(store.root)
+
+    (merged,) = (store.root / "responses").glob("*.parquet")
+    assert pq.read_metadata(merged).metadata[LOGPROB_ENCODING_KEY] == FLOAT32_ENCODING.to_metadata()
+    assert all_rows(store) == before
