@@ -1,46 +1,41 @@
 """HTTP client of one teacher: sends one attempt of one request and types every failure.
 
-The send path has three layers, each named for what it handles:
+The send path has three steps, each named for what it handles:
 
-- :meth:`TeacherClient._post` sends the request through ``openai.AsyncOpenAI`` with
-  ``max_retries=0`` (retries belong to :mod:`pipeline.retry`) and
-  ``cast_to=httpx2.Response``, so the SDK returns the raw response instead of building
-  pydantic models of every top-k alternative; the body bytes go straight to
-  :func:`pipeline.parsing.parse_response`. On an 83 kB chat body of 64 tokens x 20
-  alternatives, building the SDK's ``ChatCompletion`` took 5.2 ms, while orjson plus
-  ``parse_response`` (which also builds the stored columns) took 1.3 ms (Python 3.11,
-  openai 3.63, one core of a shared 2-core VM, mean of 300 parses).
+- :meth:`TeacherClient._post` sends the request. By default (``http_client =
+  "aiohttp"``) it posts the orjson-encoded body straight to the teacher's
+  :class:`~pipeline.harvest_transport.AiohttpPool` with headers built once per client.
+  With ``http_client = "openai"`` the openai SDK builds each request
+  (:mod:`pipeline.client_openai`), which costs about 0.5 ms more CPU per request: at
+  2,000 chat requests of 64 tokens x 20 alternatives, 3.2 against 3.7 CPU ms per
+  request (``benchmarks/CHANGES.md``). Retries belong to :mod:`pipeline.retry` on both.
 - :meth:`TeacherClient._raise_for_status` turns a non-2xx response into
   RateLimitError (429), ServerError (5xx, whatever the body: JSON, HTML or empty) or
   ClientError (other 4xx), with ``Retry-After`` parsed and a short body summary.
-- :meth:`TeacherClient._parse` parses a 2xx body; a 200 carrying an ``error`` object
-  becomes the matching typed error there.
+- :meth:`TeacherClient._parse` parses a 2xx body with
+  :func:`pipeline.parsing.parse_response`; a 200 carrying an ``error`` object becomes
+  the matching typed error there.
 
-The SDK's ``httpx2.AsyncClient`` (httpx2 is the fork of httpx that openai 3.x uses)
-sends through :class:`~pipeline.harvest_transport.AiohttpTransport`, an aiohttp
-connection pool. The HTTP stack took 47 % of the harvester's CPU samples with httpx 0.29
-and 8 % with this transport (``python -m benchmarks.profile_harvest``; the figures are
-in ``benchmarks/CHANGES.md``).
-
-SDK and transport exceptions (timeouts, refused or dropped connections, bodies cut off
+Transport failures (timeouts, refused or dropped connections, bodies cut off
 mid-transfer) become TransportError. Every error names the teacher and the request id
 and chains its cause. Messages are built here from the status, the teacher name and a
-summary of the server's body, never from the SDK's exception text or the request, so
-the API key cannot end up in a message.
+summary of the server's body, never from the request or its headers, so the API key
+cannot end up in a message.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 import anyio
-import httpx2
-import openai
+import orjson
 
-from pipeline.config import TeacherConfig
+from pipeline.config import HTTP_CLIENTS, TeacherConfig
 from pipeline.errors import (
     ClientError,
     RateLimitError,
@@ -49,7 +44,7 @@ from pipeline.errors import (
     TeacherError,
     TransportError,
 )
-from pipeline.harvest_transport import AiohttpTransport
+from pipeline.harvest_transport import AiohttpPool, HttpReply, TransportFailure, describe_failure
 from pipeline.parsing import ParsedResponse, parse_response, summarize_error_body
 from pipeline.retry import parse_retry_after
 
@@ -58,12 +53,21 @@ log = logging.getLogger(__name__)
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
 
 
+try:
+    _USER_AGENT = f"kd-pipeline/{version('kd-pipeline')}"
+except PackageNotFoundError:  # running from a source tree that was never installed
+    _USER_AGENT = "kd-pipeline"
+
+# Optional OpenAI account headers, read from the same variables as the openai SDK.
+_ACCOUNT_HEADERS = {"OPENAI_ORG_ID": "OpenAI-Organization", "OPENAI_PROJECT_ID": "OpenAI-Project"}
+
+
 @dataclass(slots=True)
 class TeacherReply:
     """A successful response: the parsed body plus what the rate limiter needs."""
 
     parsed: ParsedResponse
-    headers: httpx2.Headers
+    headers: Mapping[str, str]
     status: int
     latency_ms: float
     body_bytes: int
@@ -83,27 +87,29 @@ class TeacherClient:
     ):
         if teacher.api_key is None:
             raise ValueError(f"teacher {teacher.name} has no API key; build it with build_harvest_config")
+        if teacher.http_client not in HTTP_CLIENTS:
+            raise ValueError(f"teacher {teacher.name}: http_client {teacher.http_client!r} is not one of {HTTP_CLIENTS}")
         self.teacher = teacher
         self.timeout_s = timeout_s
         # The parser takes None to mean that no alternatives were requested.
         self._top_logprobs = top_logprobs or None
         self._logprobs_required = top_logprobs > 0
         self._path = ENDPOINT_PATHS[teacher.endpoint]
+        self._url = teacher.base_url.rstrip("/") + self._path
         self._now = now
-        self._http = httpx2.AsyncClient(
-            transport=AiohttpTransport(max_connections=max_connections, timeout_s=timeout_s),
-            timeout=timeout_s,
-        )
-        self._openai = openai.AsyncOpenAI(
-            base_url=teacher.base_url,
-            api_key=teacher.api_key.reveal(),
-            max_retries=0,
-            timeout=timeout_s,
-            http_client=self._http,
-        )
+        via_sdk = teacher.http_client == "openai"
+        self._pool = AiohttpPool(max_connections=max_connections, timeout_s=timeout_s, decompress=not via_sdk)
+        self._sdk = None
+        if via_sdk:
+            from pipeline.client_openai import OpenAISender  # imports openai only when selected
+
+            self._sdk = OpenAISender(teacher, self._pool, timeout_s=timeout_s)
+        self._headers = _request_headers(teacher.api_key.reveal())
 
     async def aclose(self) -> None:
-        await self._openai.close()
+        if self._sdk is not None:
+            await self._sdk.aclose()
+        await self._pool.aclose()
 
     async def send(self, body: Mapping[str, object], *, request_id: str) -> TeacherReply:
         """Send one attempt of a request and return its parsed response.
@@ -116,44 +122,32 @@ class TeacherClient:
             # Socket timeouts apply per read, so a server that trickles bytes could hold a
             # request far longer; this bounds the whole attempt.
             with anyio.fail_after(self.timeout_s):
-                response = await self._post(body, request_id)
+                reply = await self._post(body, request_id)
         except TimeoutError as error:
             raise self._timeout_error(request_id) from error
         latency_ms = (time.perf_counter() - started) * 1000.0
-        self._raise_for_status(response, request_id)
-        parsed = self._parse(response, request_id)
+        self._raise_for_status(reply, request_id)
+        parsed = self._parse(reply, request_id)
         log.debug(
             "teacher %s request %s: HTTP %d, %d bytes in %.1f ms",
-            self.teacher.name, request_id, response.status_code, len(response.content), latency_ms,
+            self.teacher.name, request_id, reply.status, len(reply.content), latency_ms,
         )
-        return TeacherReply(parsed, response.headers, response.status_code, latency_ms, len(response.content))
+        return TeacherReply(parsed, reply.headers, reply.status, latency_ms, len(reply.content))
 
-    async def _post(self, body: Mapping[str, object], request_id: str) -> httpx2.Response:
+    async def _post(self, body: Mapping[str, object], request_id: str) -> HttpReply:
         try:
-            return await self._openai.post(self._path, body=body, cast_to=httpx2.Response)
-        except openai.APIStatusError as error:
-            # The SDK raises for 4xx/5xx after reading the body; type it from the response.
-            self._raise_for_status(error.response, request_id, cause=error)
-            raise  # unreachable: the response is not 2xx
-        except openai.APITimeoutError as error:
-            raise self._timeout_error(request_id) from error
-        except openai.APIConnectionError as error:
+            if self._sdk is not None:
+                return await self._sdk.post(self._path, body)
+            return await self._pool.request("POST", self._url, self._headers, orjson.dumps(body))
+        except TransportFailure as failure:
+            if failure.kind == "timeout":
+                raise self._timeout_error(request_id) from failure
             raise TransportError(
-                f"teacher {self.teacher.name}: request {request_id} failed: {_describe_transport(error.__cause__)}",
+                f"teacher {self.teacher.name}: request {request_id} failed: {describe_failure(failure)}",
                 request_id=request_id,
-            ) from error
-        except httpx2.HTTPError as error:
-            raise TransportError(
-                f"teacher {self.teacher.name}: request {request_id} failed: {_describe_transport(error)}",
-                request_id=request_id,
-            ) from error
-        except openai.OpenAIError as error:
-            # Any other SDK error is unexpected with raw responses; fail the request, no retry.
-            raise TeacherError(
-                f"teacher {self.teacher.name}: request {request_id} failed in the openai SDK:"
-                f" {type(error).__name__}",
-                request_id=request_id,
-            ) from error
+            ) from failure
+        except TeacherError as error:
+            raise TeacherError(f"teacher {self.teacher.name}: request {request_id}: {error}", request_id=request_id) from error
 
     def _timeout_error(self, request_id: str) -> TransportError:
         return TransportError(
@@ -162,22 +156,20 @@ class TeacherClient:
             request_id=request_id,
         )
 
-    def _raise_for_status(
-        self, response: httpx2.Response, request_id: str, *, cause: BaseException | None = None
-    ) -> None:
-        status = response.status_code
+    def _raise_for_status(self, reply: HttpReply, request_id: str) -> None:
+        status = reply.status
         if 200 <= status < 300:
             return
-        summary = summarize_error_body(response.content, response.headers.get("content-type"))
+        summary = summarize_error_body(reply.content, reply.headers.get("content-type"))
         message = f"teacher {self.teacher.name}: request {request_id} got HTTP {status}: {summary}"
-        retry_after = parse_retry_after(response.headers, now=self._now)
+        retry_after = parse_retry_after(reply.headers, now=self._now)
         error_class = _status_error_class(status)
-        raise error_class(message, status=status, retry_after=retry_after, request_id=request_id) from cause
+        raise error_class(message, status=status, retry_after=retry_after, request_id=request_id)
 
-    def _parse(self, response: httpx2.Response, request_id: str) -> ParsedResponse:
+    def _parse(self, reply: HttpReply, request_id: str) -> ParsedResponse:
         try:
             return parse_response(
-                response.content,
+                reply.content,
                 endpoint=self.teacher.endpoint,
                 top_logprobs=self._top_logprobs,
                 logprobs_required=self._logprobs_required,
@@ -187,7 +179,7 @@ class TeacherClient:
             # Retry-After (if any) from the headers.
             retry_after = error.retry_after
             if retry_after is None:
-                retry_after = parse_retry_after(response.headers, now=self._now)
+                retry_after = parse_retry_after(reply.headers, now=self._now)
             raise type(error)(
                 self._prefix(request_id, error), status=error.status, retry_after=retry_after,
                 request_id=request_id,
@@ -212,21 +204,17 @@ def _status_error_class(status: int) -> type[TeacherError]:
     return ClientError
 
 
-def _describe_transport(cause: BaseException | None) -> str:
-    """Describe a transport failure from the httpx2 exception (never from the request)."""
-    if isinstance(cause, httpx2.RemoteProtocolError):
-        return f"connection closed before the response was complete ({_short(cause)})"
-    if isinstance(cause, httpx2.ConnectError):
-        return f"cannot connect ({_short(cause)}); check that the teacher is running at the base URL"
-    if isinstance(cause, httpx2.ReadError):
-        return f"connection lost while reading the response ({_short(cause)})"
-    if isinstance(cause, httpx2.WriteError):
-        return f"connection lost while sending the request ({_short(cause)})"
-    if cause is None:
-        return "connection error"
-    return f"{type(cause).__name__} ({_short(cause)})"
-
-
-def _short(error: BaseException, limit: int = 200) -> str:
-    text = str(error) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _request_headers(api_key: str) -> dict[str, str]:
+    """Build the headers of every direct request: the OpenAI API's, plus the account ones if set."""
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        "Accept-Encoding": "gzip, deflate",
+        "User-Agent": _USER_AGENT,
+    }
+    for variable, header in _ACCOUNT_HEADERS.items():
+        value = os.environ.get(variable)
+        if value:
+            headers[header] = value
+    return headers

@@ -27,10 +27,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
+from storage.encoding import LOGPROB_ENCODINGS
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("chat", "completions")
+HTTP_CLIENTS = ("aiohttp", "openai")
+"""Ways to send requests: straight to an aiohttp pool (fastest), or built by the openai SDK."""
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 # Sent to loopback teachers that need no key; the openai SDK refuses an empty key.
 LOOPBACK_PLACEHOLDER_KEY = "sk-no-key-loopback"
@@ -82,6 +85,7 @@ class TeacherConfig:
     tpm: float | None = None
     concurrency: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    http_client: str = "aiohttp"
     api_key: ApiKey | None = field(default=None, repr=False, compare=False)
 
     def public_dict(self) -> dict[str, Any]:
@@ -98,6 +102,7 @@ class TeacherConfig:
             "tpm": self.tpm,
             "concurrency": self.concurrency,
             "params": dict(self.params),
+            "http_client": self.http_client,
         }
 
 
@@ -148,6 +153,9 @@ class HarvestConfig:
     # Stop the run after this many requests in a row failed with no response in between
     # (a wrong URL, model or key); 0 never stops.
     max_consecutive_failures: int = 100
+    # How new responses files store logprobs (uint8 or float32), saved as the store's
+    # setting; None keeps the store's current setting.
+    logprob_encoding: str | None = None
     dry_run: bool = False
     progress: bool = True
     config_path: Path | None = None
@@ -179,6 +187,7 @@ class HarvestConfig:
             "deadline_s": self.deadline_s,
             "limit": self.limit,
             "cache_size": self.cache_size,
+            "logprob_encoding": self.logprob_encoding,
             "max_consecutive_failures": self.max_consecutive_failures,
             "dry_run": self.dry_run,
         }
@@ -207,6 +216,7 @@ class HarvestFlags:
     concurrency: int | None = None
     rpm: float | None = None
     tpm: float | None = None
+    http_client: str | None = None
     timeout_s: float | None = None
     max_attempts: int | None = None
     max_retry_wait_s: float | None = None
@@ -215,6 +225,7 @@ class HarvestFlags:
     limit: int | None = None
     cache_size: int | None = None
     max_consecutive_failures: int | None = None
+    logprob_encoding: str | None = None
     dry_run: bool = False
     progress: bool = True
 
@@ -262,6 +273,7 @@ def build_harvest_config(
         limit=flags.limit,
         cache_size=flags.cache_size,
         max_consecutive_failures=flags.max_consecutive_failures,
+        logprob_encoding=flags.logprob_encoding,
     )
     if flags.deadline_s is not None:
         # --deadline 0 turns the deadline off.
@@ -320,6 +332,7 @@ def _apply_flag_defaults(teacher: TeacherConfig, flags: HarvestFlags, explicit: 
         ("endpoint", flags.endpoint),
         ("rpm", flags.rpm),
         ("tpm", flags.tpm),
+        ("http_client", flags.http_client),
         ("api_key_env", flags.api_key_env),
         ("api_key_file", flags.api_key_file),
     ):
@@ -339,6 +352,7 @@ _TEACHER_KEYS = {
     "tpm": (int, float),
     "concurrency": int,
     "params": dict,
+    "http_client": str,
 }
 
 
@@ -403,6 +417,7 @@ def _teacher_from_table(
         tpm=table.get("tpm"),
         concurrency=table.get("concurrency"),
         params=dict(table.get("params", {})),
+        http_client=table.get("http_client", "aiohttp"),
     )
     if "api_key_env" in table and "api_key_file" in table:
         problems.append(f"{where}: set api_key_env or api_key_file, not both")
@@ -478,6 +493,10 @@ def validate_harvest_config(config: HarvestConfig) -> list[str]:
         problems.append(f"--store {config.store_path} exists and is not a folder")
     problems.extend(_validate_teachers(config.teachers))
     problems.extend(_validate_sampling(config.sampling))
+    if config.logprob_encoding is not None and config.logprob_encoding not in LOGPROB_ENCODINGS:
+        problems.append(
+            f"--logprob-encoding {config.logprob_encoding!r} is not one of {', '.join(LOGPROB_ENCODINGS)}"
+        )
 
     positive_ints = {"--samples": config.samples, "--concurrency": config.concurrency,
                      "--max-attempts": config.max_attempts}
@@ -539,6 +558,10 @@ def _validate_teachers(teachers: tuple[TeacherConfig, ...]) -> list[str]:
                 problems.append(f"{where}: {name} {value} must be more than 0")
         if teacher.concurrency is not None and teacher.concurrency < 1:
             problems.append(f"{where}: concurrency {teacher.concurrency} must be at least 1")
+        if teacher.http_client not in HTTP_CLIENTS:
+            problems.append(
+                f"{where}: http_client {teacher.http_client!r} is not one of {', '.join(HTTP_CLIENTS)}"
+            )
         reserved = sorted(RESERVED_BODY_FIELDS & set(teacher.params))
         if reserved:
             problems.append(

@@ -6,8 +6,10 @@ any input ends either in a :class:`ParsedResponse` or in one of the errors of
 :class:`MissingLogprobsError`, or a :class:`TeacherError` subclass for an error object
 inside a 200 body), never in another exception.
 
-Bodies are decoded with orjson, which is several times faster than :mod:`json` on the
-large logprob bodies of top-k harvesting. orjson rejects the ``NaN`` and ``-Infinity``
+A chat body of the common shape is decoded by the typed fast path in
+:mod:`pipeline.parsing_fast`; every other body, and any body that path declines, is
+decoded with orjson, which is several times faster than :mod:`json` on the large
+logprob bodies of top-k harvesting. orjson rejects the ``NaN`` and ``-Infinity``
 literals that some servers emit for masked tokens, so a body it rejects is decoded again
 with :mod:`json`, which accepts them. Only that fallback can produce strings with lone
 UTF-16 surrogates, so only its results are checked for them. The token logprob
@@ -33,6 +35,7 @@ from pipeline.errors import (
     ServerError,
     TruncatedBodyError,
 )
+from pipeline.parsing_fast import FastChoice, decode_chat
 from pipeline.parsing_logprobs import (
     ExtractedLogprobs,
     describe_json_type,
@@ -126,6 +129,10 @@ def parse_response(
     """
     if endpoint not in ENDPOINTS:
         raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    if endpoint == "chat" and type(body) is bytes:
+        decoded = decode_chat(body)
+        if decoded is not None:
+            return _parse_fast_chat(*decoded, top_logprobs, logprobs_required)
 
     document, from_orjson = _load_document(body)
     if not isinstance(document, Mapping):
@@ -282,6 +289,25 @@ def _parse_openai(
             _build_choice(index, text, finish_reason, extracted, where, top_logprobs, required)
         )
 
+    return _openai_response(document, choices)
+
+
+def _parse_fast_chat(
+    fields: dict[str, Any], fast_choices: list[FastChoice], top_logprobs: int | None, required: bool
+) -> ParsedResponse:
+    """Finish a chat body that :func:`pipeline.parsing_fast.decode_chat` decoded."""
+    choices = [
+        _build_choice(
+            choice.index, choice.text, choice.finish_reason, choice.extracted,
+            f"choices[{position}]", top_logprobs, required,
+        )
+        for position, choice in enumerate(fast_choices)
+    ]
+    return _openai_response(fields, choices)
+
+
+def _openai_response(document: Mapping[str, Any], choices: list[ParsedChoice]) -> ParsedResponse:
+    """Build the response from the choices and the document's ``model`` and ``usage``."""
     usage = document.get("usage")
     usage = usage if isinstance(usage, Mapping) else {}
     return ParsedResponse(
@@ -384,6 +410,8 @@ def _build_choice(
         return ParsedChoice(index, text, finish_reason, None, None, False, None, False, note)
 
     columns = extracted.columns
+    # Every extractor stores str tokens, float or None logprobs and bytes.
+    columns.element_types_checked = True
     expected = text.encode("utf-8") if text is not None else b""
     bytes_match = b"".join(columns.token_bytes) == expected
     note = _usability_note(extracted, bytes_match, top_logprobs)

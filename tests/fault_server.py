@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email.utils
+import gzip
 import hashlib
 import json
 import random
@@ -65,6 +66,7 @@ FAULT_KINDS = {
     "bad-logprobs": "a normal response whose logprobs are malformed",
     "content-filter": "HTTP 200 with finish_reason content_filter and null content",
     "length": "HTTP 200 with finish_reason length",
+    "gzip": "a normal response sent with Content-Encoding gzip",
 }
 
 _WORDS = (
@@ -174,6 +176,7 @@ class LoggedRequest:
     completed: bool = False
     # The bearer token of the Authorization header, so tests can check which key was sent.
     api_key: str | None = None
+    user_agent: str | None = None
 
 
 # --- deterministic bodies --------------------------------------------------------------
@@ -454,6 +457,7 @@ class FaultServer:
         endpoint = "chat" if route.endswith("chat/completions") else "completions"
         entry = self._log_request(route, body)
         entry.api_key = headers.get("authorization", "").removeprefix("Bearer ") or None
+        entry.user_agent = headers.get("user-agent")
         fault = Fault.parse(entry.fault)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
@@ -513,8 +517,12 @@ class FaultServer:
             return await self._send_cut(writer, payload, chunked=True)
         if kind == "trickle":
             return await self._send_trickle(writer, payload, float(fault.option("seconds", "3")))
-        keep_open = await self._send(writer, 200, payload)
-        entry.completed = kind == "ok"
+        extra_headers = None
+        if kind == "gzip":
+            payload = gzip.compress(payload)
+            extra_headers = {"content-encoding": "gzip"}
+        keep_open = await self._send(writer, 200, payload, extra_headers)
+        entry.completed = kind in ("ok", "gzip")
         return keep_open
 
     def _retry_headers(self, fault: Fault) -> dict[str, str]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import anyio
 import pytest
 
 from pipeline.client import TeacherClient, TeacherReply
+from pipeline.config import HTTP_CLIENTS
 from pipeline.errors import (
     ClientError,
     KDError,
@@ -27,10 +29,21 @@ CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "Once upon a
 LEGACY_BODY = {"model": "m", "prompt": "Once upon a time", "max_tokens": 12, "logprobs": 4}
 
 
+# Every test runs once per way of sending (direct aiohttp and the openai SDK), because
+# both must type each fault the same way. The fixture sets this for the helpers below.
+_http_client = HTTP_CLIENTS[0]
+
+
+@pytest.fixture(autouse=True, params=HTTP_CLIENTS)
+def http_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(f"{__name__}._http_client", request.param)
+    return request.param
+
+
 async def _send(base_url: str, body: dict, *, endpoint: str = "chat", timeout_s: float = 5.0,
                 top_logprobs: int = 4) -> TeacherReply:
-    client = TeacherClient(make_teacher(base_url, endpoint=endpoint), timeout_s=timeout_s,
-                           max_connections=2, top_logprobs=top_logprobs)
+    teacher = make_teacher(base_url, endpoint=endpoint, http_client=_http_client)
+    client = TeacherClient(teacher, timeout_s=timeout_s, max_connections=2, top_logprobs=top_logprobs)
     try:
         return await client.send(body, request_id="req-1")
     finally:
@@ -169,3 +182,87 @@ def test_content_filter_is_a_response() -> None:
     assert choice.finish_reason == "content_filter"
     assert choice.text is None
     assert choice.logprobs is None
+
+
+def test_gzip_body_is_decoded() -> None:
+    reply = send_with_fault("gzip")
+    expected = expected_response(CHAT_BODY, "chat")
+    choice = reply.parsed.choices[0]
+    assert choice.text == expected["choices"][0]["message"]["content"]
+    assert choice.token_level_ok
+
+
+def test_api_key_sent_as_bearer_token() -> None:
+    with FaultServer(FaultPlan(sequence=["ok"])) as server:
+        anyio.run(lambda: _send(server.base_url, CHAT_BODY))
+        assert [request.api_key for request in server.log] == [TEST_KEY]
+
+
+def test_user_agent_names_sender(http_client: str) -> None:
+    with FaultServer(FaultPlan(sequence=["ok"])) as server:
+        anyio.run(lambda: _send(server.base_url, CHAT_BODY))
+        user_agent = server.log[0].user_agent
+    expected_prefix = "AsyncOpenAI/Python" if http_client == "openai" else "kd-pipeline"
+    assert user_agent is not None
+    assert user_agent.startswith(expected_prefix)
+
+
+class RecordingProxy:
+    """A loopback HTTP proxy stand-in: records each request line and replies with HTTP 502."""
+
+    def __init__(self) -> None:
+        self.request_lines: list[str] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.request_lines.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+                body = b'{"error": {"message": "proxy refused", "code": 502}}'
+                connection.sendall(
+                    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+                )
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_proxy_from_environment_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = RecordingProxy()
+    try:
+        with FaultServer(FaultPlan(sequence=["ok"])) as server:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", "")
+            with pytest.raises(ServerError):
+                anyio.run(lambda: _send(server.base_url, CHAT_BODY))
+            assert server.log == []
+        assert proxy.request_lines == [f"POST {server.base_url}/chat/completions HTTP/1.1"]
+    finally:
+        proxy.close()
+
+
+def test_no_proxy_bypasses_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = RecordingProxy()
+    try:
+        with FaultServer(FaultPlan(sequence=["ok"])) as server:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            reply = anyio.run(lambda: _send(server.base_url, CHAT_BODY))
+        assert reply.status == 200
+        assert proxy.request_lines == []
+    finally:
+        proxy.close()

@@ -26,7 +26,7 @@ from pipeline.errors import (
 )
 from pipeline.parsing import ParsedResponse, parse_response
 from pipeline.prompts import PromptReader, PromptRecord
-from storage.schema import MASKED_LOGPROB_THRESHOLD, build_responses_table
+from storage.schema import MASKED_LOGPROB_THRESHOLD, build_responses_table, checked_row
 
 DOCUMENTED_ERRORS = (ResponseFormatError, RateLimitError, ServerError, ClientError)
 FUZZ_SETTINGS = settings(
@@ -199,6 +199,10 @@ def check_choice(choice):
         assert value is None or MASKED_LOGPROB_THRESHOLD < value <= 0.0
     assert all(isinstance(raw, bytes) for raw in columns.token_bytes)
     assert choice.token_level_ok is (choice.logprobs_note is None)
+    # The parser marks its columns as type-checked; the store's full check must agree.
+    assert columns.element_types_checked
+    columns.element_types_checked = False
+    checked_row("responses", {"request_id": "fuzz", "logprobs": columns})
     build_responses_table(
         [{"response": choice.text, "finish_reason": choice.finish_reason, "logprobs": columns}]
     )

@@ -146,6 +146,28 @@ def test_teachers_file_problems(prompts: Path, tmp_path: Path) -> None:
         assert expected in message
 
 
+def test_http_client_from_flag_and_file(prompts: Path, tmp_path: Path) -> None:
+    config = build_harvest_config(flags(prompts, base_url=LOCAL, model="m"), environ={})
+    assert config.teachers[0].http_client == "aiohttp"
+    config = build_harvest_config(flags(prompts, base_url=LOCAL, model="m", http_client="openai"), environ={})
+    assert config.teachers[0].http_client == "openai"
+
+    config_file = tmp_path / "teachers.toml"
+    config_file.write_text(
+        f'[[teachers]]\nname = "a"\nbase_url = "{LOCAL}"\nmodel = "m"\nhttp_client = "openai"\n\n'
+        f'[[teachers]]\nname = "b"\nbase_url = "{LOCAL}"\nmodel = "m"\n'
+    )
+    config = build_harvest_config(flags(prompts, config_path=config_file, http_client="aiohttp"), environ={})
+    assert [teacher.http_client for teacher in config.teachers] == ["openai", "aiohttp"]
+
+
+def test_unknown_http_client_rejected(prompts: Path, tmp_path: Path) -> None:
+    config_file = tmp_path / "teachers.toml"
+    config_file.write_text(f'[[teachers]]\nname = "a"\nbase_url = "{LOCAL}"\nmodel = "m"\nhttp_client = "curl"\n')
+    message = config_problems(prompts, config_path=config_file)
+    assert "http_client 'curl' is not one of aiohttp, openai" in message
+
+
 def test_teachers_file_not_toml(prompts: Path, tmp_path: Path) -> None:
     config_file = tmp_path / "teachers.toml"
     config_file.write_text("[[teachers]\nname=")
