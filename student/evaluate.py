@@ -119,7 +119,7 @@ class _Totals:
 def _student_argmax(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Return the argmax id at each selected row, upcasting one chunk of rows at a time."""
     flat = logits.reshape(-1, logits.shape[-1])
-    chunk = default_chunk_rows(logits.shape[-1])
+    chunk = default_chunk_rows(logits.shape[-1], logits.device)
     parts = [
         flat.index_select(0, rows[start : start + chunk]).argmax(dim=-1)
         for start in range(0, rows.numel(), chunk)
