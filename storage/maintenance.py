@@ -85,7 +85,7 @@ READ_BATCH_ROWS = 4096
 # batches in place, and every row group costs DuckDB a scan step. The byte limit bounds
 # the memory of a merge: a 64-token top-20 response takes roughly 25 KB in Arrow (estimate).
 MERGE_ROW_GROUP_ROWS = 65_536
-MERGE_ROW_GROUP_BYTES = 64 * 2**20
+MERGE_ROW_GROUP_BYTES = 16 * 2**20
 
 
 # --- Check ----------------------------------------------------------------------------

@@ -185,9 +185,15 @@ def _compact_store(store_path: Path) -> None:
 
     Exits with status 130 on SIGINT; the store stays readable, with every row once.
     """
+    import pyarrow as pa
+
     from pipeline.errors import DamagedFileError, StoreLockedError
     from storage.maintenance import compact_tiered
 
+    # Hand the harvest's freed Arrow buffers back first, so that the merge's buffers
+    # do not stack on top of them in the process's peak memory.
+    gc.collect()
+    pa.default_memory_pool().release_unused()
     started = time.perf_counter()
     try:
         report = compact_tiered(store_path)
