@@ -165,6 +165,7 @@ SCRIPTS = {
     "bench_memory": ["--sizes", "10,30", "--limit", "20", "--concurrency", "4", "--tokens", "4", "--k", "2"],
     "bench_store": ["--prompts", "4", "--tokens", "8", "--k", "5"],
     "bench_sql": ["--rows", "600", "--runs", "3", "--repeats", "1", "--cli-repeats", "1"],
+    "harvest_ab": [".", "--prompts", "10", "--rounds", "1", "--concurrency", "4"],
     "profile_harvest": ["--prompts", "10", "--concurrency", "4", "--latency-ms", "1", "--rate", "50"],
     "bench_train": ["--models", "tiny", "--batch-size", "1", "--seq-len", "16", "--steps", "1", "--modes", "topk"],
 }
