@@ -97,6 +97,14 @@ def test_plan_takes_smaller_tiers_along() -> None:
     assert [f.path.name for f in chosen] == ["a0", "b0", "b1", "b2", "b3"]
 
 
+def test_plan_caps_one_pass_at_target_rows() -> None:
+    config = TieredCompactConfig(target_rows=100, fanout=4)
+    files = [fake_file(f"c{i:03d}", 12) for i in range(40)]
+    chosen = plan_tiered_merge(files, config)
+    assert [f.path.name for f in chosen] == [f"c{i:03d}" for i in range(8)]
+    assert sum(f.num_rows for f in chosen) <= config.target_rows
+
+
 def test_plan_leaves_larger_tiers_alone() -> None:
     config = TieredCompactConfig(target_rows=100, fanout=4)
     tier_1 = [fake_file(f"b{i}", 20) for i in range(3)]
