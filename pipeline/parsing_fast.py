@@ -79,6 +79,8 @@ _DECODER = msgspec.json.Decoder(_ChatDocument)
 # vocabulary costs at most a few tens of MB; past the bound, new lists are parsed each time.
 _BYTES_BY_JSON: dict[bytes, bytes] = {}
 _BYTES_CACHE_MAX_ENTRIES = 1 << 17
+# A token's bytes are a few dozen characters of JSON; longer lists are not kept.
+_BYTES_CACHE_MAX_KEY_LENGTH = 128
 
 
 class _Decline(Exception):
@@ -184,7 +186,7 @@ def _alternative_bytes(raw_list: bytes, token: str) -> bytes:
         value = bytes(values)
     except (TypeError, ValueError) as error:
         raise _Decline from error
-    if len(_BYTES_BY_JSON) < _BYTES_CACHE_MAX_ENTRIES:
+    if len(raw_list) <= _BYTES_CACHE_MAX_KEY_LENGTH and len(_BYTES_BY_JSON) < _BYTES_CACHE_MAX_ENTRIES:
         _BYTES_BY_JSON[raw_list] = value
     return value
 
