@@ -76,9 +76,9 @@ from storage.store import (
 
 logger = logging.getLogger(__name__)
 
-# Tables that compaction merges. runs/ keeps one file per run because write_run
-# replaces that file whenever the run's status changes.
-COMPACTED_TABLES = ("responses", "failures")
+# Tables that compaction merges. A runs file is merged only once its run has a final
+# status: write_run replaces a run's own file while the run is going on.
+COMPACTED_TABLES = ("responses", "failures", "runs")
 READ_BATCH_ROWS = 4096
 # A merged file gets a new row group when this many rows or bytes (Arrow, in memory) are
 # buffered. One row group per source batch would leave the row groups of 256-row harvest
@@ -346,7 +346,11 @@ def _compact_tables(store: Store, compact_table: Callable[[Path, str], TableComp
 
 
 def _start_compaction(root: Path, table: str) -> tuple[TableCompaction, list[StoreFile]]:
-    """Return the report of a table's compaction, filled with its state before, and its files by name."""
+    """Return the report of a table's compaction, filled with its state before, and the files it may merge.
+
+    Runs files with a run still marked running are left out: under the writer lock
+    after recovery there is none, unless the caller holding the lock is that run.
+    """
     listing = list_table_files(root, table)
     result = TableCompaction(
         table=table,
@@ -354,7 +358,15 @@ def _start_compaction(root: Path, table: str) -> tuple[TableCompaction, list[Sto
         rows_before=listing.num_rows,
         damaged_skipped=listing.damaged,
     )
-    return result, sorted(listing.files, key=lambda f: f.path.name)
+    files = listing.files
+    if table == "runs":
+        files = [store_file for store_file in files if not _has_running_run(store_file)]
+    return result, sorted(files, key=lambda f: f.path.name)
+
+
+def _has_running_run(store_file: StoreFile) -> bool:
+    statuses = read_columns(store_file.path, ["status"]).column("status").to_pylist()
+    return "running" in statuses
 
 
 def _compact_table(root: Path, table: str, config: CompactConfig) -> TableCompaction:
@@ -695,6 +707,9 @@ def compact_tiered(store: Store | str | Path, config: TieredCompactConfig | None
 
 def _compact_table_tiers(root: Path, table: str, config: TieredCompactConfig) -> TableCompaction:
     result, files = _start_compaction(root, table)
+    # Files left out of merging (a runs file of a running run) stay in the table.
+    held_back_files = result.files_before - len(files)
+    held_back_rows = result.rows_before - sum(f.num_rows for f in files)
 
     # Each pass merges at least fanout files into fewer, so the loop ends.
     while chosen := plan_tiered_merge(files, config):
@@ -713,8 +728,8 @@ def _compact_table_tiers(root: Path, table: str, config: TieredCompactConfig) ->
         result.files_merged += len(merged)
         files = sorted([f for f in files if f.path not in merged] + written, key=lambda f: f.path.name)
 
-    result.files_after = len(files)
-    result.rows_after = sum(f.num_rows for f in files)
+    result.files_after = len(files) + held_back_files
+    result.rows_after = sum(f.num_rows for f in files) + held_back_rows
     if result.files_written:
         logger.info(
             "compacted %s: merged %d files (%d rows) into %d; %d files now",

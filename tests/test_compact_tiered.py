@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,7 @@ def test_error_after_rename_hides_sources(tmp_path: Path, monkeypatch: pytest.Mo
 
 KILL_CHILD = """
 import os, signal, sys
+from datetime import datetime, timezone
 from pathlib import Path
 from storage import maintenance
 
@@ -392,3 +394,40 @@ def test_compaction_failure_keeps_exit_status(tmp_path: Path, monkeypatch: pytes
     counts = request_id_counts(store)
     assert len(counts) == 15
     assert set(counts.values()) == {1}
+
+
+def run_row(run_id: str, status: str) -> dict:
+    started = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    return {"run_id": run_id, "status": status, "started_at": started, "finished_at": started, "requests": 1}
+
+
+def test_finished_runs_files_merged(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    run_ids = [f"run-{index:02d}" for index in range(12)]
+    for run_id in run_ids:
+        store.write_run(run_row(run_id, "finished"))
+
+    report = compact_tiered(store.root)
+
+    runs_report = next(table for table in report.tables if table.table == "runs")
+    assert (runs_report.files_before, runs_report.files_after) == (12, 1)
+    assert len(file_names(store.root, "runs")) == 1
+    with connect(store.root) as connection:
+        stored = connection.execute("SELECT run_id, status FROM runs ORDER BY run_id").fetchall()
+    assert stored == [(run_id, "finished") for run_id in run_ids]
+
+
+def test_recovery_after_runs_merged(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    for index in range(10):
+        store.write_run(run_row(f"run-{index:02d}", "finished"))
+    compact_tiered(store.root)
+    store.write_run(run_row("run-dead", "running"))
+
+    report = store.recover()
+
+    assert report.runs_marked_crashed == 1
+    with connect(store.root) as connection:
+        statuses = dict(connection.execute("SELECT run_id, status FROM runs").fetchall())
+    assert statuses["run-dead"] == "crashed"
+    assert sum(status == "finished" for status in statuses.values()) == 10
