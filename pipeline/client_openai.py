@@ -46,6 +46,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
 
 
 _HTTPX_ERRORS: dict[str, type[httpx2.TransportError]] = {
+    "proxy": httpx2.ProxyError,
     "connect": httpx2.ConnectError,
     "disconnected": httpx2.RemoteProtocolError,
     "timeout": httpx2.ReadTimeout,
@@ -95,6 +96,9 @@ def _failure_from(cause: BaseException | None) -> TransportFailure:
     """Type an httpx2 exception the way :class:`AiohttpPool` types aiohttp's."""
     if isinstance(cause, TransportFailure):
         return cause
+    if cause is not None and isinstance(cause.__cause__, TransportFailure):
+        # Raised by AiohttpTransport, which keeps the pool's typed failure as the cause.
+        return cause.__cause__
     if isinstance(cause, httpx2.ConnectError):
         return TransportFailure("connect", str(cause))
     if isinstance(cause, httpx2.RemoteProtocolError):

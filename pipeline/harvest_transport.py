@@ -7,18 +7,26 @@ to the pool through :class:`AiohttpTransport`, an ``httpx2`` transport. httpcore
 pool cost 0.7 to 1.2 ms more CPU per 98 kB chat response than aiohttp's, which is why
 the SDK path uses this pool too (``benchmarks/CHANGES.md``).
 
-A request that gets no complete response raises :class:`TransportFailure`, whose
-``kind`` names the failure: ``connect`` (refused or unreachable), ``disconnected``
-(the connection closed before the whole response arrived), ``timeout`` (a socket
-read or connect timed out) or ``read`` (another socket error). Runs on the asyncio
-event loop only (aiohttp's requirement).
+A request that gets no complete response raises :class:`TransportFailure`. Its
+``kind`` names the failure:
+
+- ``proxy``: the proxy from the environment cannot be reached;
+- ``connect``: the teacher refused the connection or cannot be reached;
+- ``disconnected``: the connection closed before the whole response arrived;
+- ``timeout``: a socket read or connect timed out;
+- ``read``: another socket error.
+
+Runs on the asyncio event loop only (aiohttp's requirement).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 import yarl
@@ -77,6 +85,8 @@ class AiohttpPool:
             ) as response:
                 content = await response.read()
                 return HttpReply(response.status, response.headers, content)
+        except aiohttp.ClientProxyConnectionError as error:
+            raise TransportFailure("proxy", _text(error)) from error
         except aiohttp.ClientConnectorError as error:
             raise TransportFailure("connect", _text(error)) from error
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as error:
@@ -100,7 +110,7 @@ class AiohttpPool:
         found = self._proxies.get(url)
         if found is None:
             try:
-                found = get_env_proxy_for_url(yarl.URL(url))
+                found = (None, None) if _no_proxy_matches(url) else get_env_proxy_for_url(yarl.URL(url))
             except LookupError:
                 found = (None, None)
             self._proxies[url] = found
@@ -122,8 +132,40 @@ class AiohttpPool:
         return self._session
 
 
+def _no_proxy_matches(url: str) -> bool:
+    """Return whether a ``NO_PROXY`` entry of the forms aiohttp does not match covers ``url``.
+
+    aiohttp matches host names and domain suffixes. This adds ``host:port`` entries and
+    IP networks in CIDR form (``127.0.0.0/8``, common in cluster set-ups).
+    """
+    entries = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (entry.strip() for entry in entries.split(",")):
+        if not entry:
+            continue
+        if parts.port is not None and entry == f"{host}:{parts.port}":
+            return True
+        if address is not None and "/" in entry:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
 def describe_failure(failure: TransportFailure) -> str:
     """Return a message for a failed transfer, built from the failure kind and socket error only."""
+    if failure.kind == "proxy":
+        return (
+            f"cannot connect to the proxy ({failure.detail}); check HTTP_PROXY and HTTPS_PROXY,"
+            " or add the teacher's host to NO_PROXY"
+        )
     if failure.kind == "connect":
         return f"cannot connect ({failure.detail}); check that the teacher is running at the base URL"
     if failure.kind == "disconnected":

@@ -266,3 +266,32 @@ def test_no_proxy_bypasses_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
         assert proxy.request_lines == []
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("entry", ["127.0.0.1:{port}", "127.0.0.0/8"])
+def test_no_proxy_port_and_cidr_bypass(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    proxy = RecordingProxy()
+    try:
+        with FaultServer(FaultPlan(sequence=["ok"])) as server:
+            port = server.base_url.split(":")[-1].split("/")[0]
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", entry.format(port=port))
+            reply = anyio.run(lambda: _send(server.base_url, CHAT_BODY))
+        assert reply.status == 200
+        assert proxy.request_lines == []
+    finally:
+        proxy.close()
+
+
+def test_dead_proxy_named_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    with FaultServer(FaultPlan(sequence=["ok"])) as server:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{dead_port}")
+        monkeypatch.setenv("NO_PROXY", "")
+        with pytest.raises(TransportError) as raised:
+            anyio.run(lambda: _send(server.base_url, CHAT_BODY))
+        assert server.log == []
+    assert "cannot connect to the proxy" in str(raised.value)
+    assert "NO_PROXY" in str(raised.value)

@@ -262,3 +262,16 @@ def test_compact_mixed_encodings_stays_lossless(tmp_path: Path) -> None:
     (merged,) = (store.root / "responses").glob("*.parquet")
     assert pq.read_metadata(merged).metadata[LOGPROB_ENCODING_KEY] == FLOAT32_ENCODING.to_metadata()
     assert all_rows(store) == before
+
+
+def test_compact_interrupt_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "store")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("storage.maintenance.compact_store", interrupted)
+    result = CliRunner().invoke(cli, ["compact", "--store", str(store.root)])
+
+    assert result.exit_code == 130
+    assert "no row was lost" in result.output

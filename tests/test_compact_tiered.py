@@ -431,3 +431,18 @@ def test_recovery_after_runs_merged(tmp_path: Path) -> None:
         statuses = dict(connection.execute("SELECT run_id, status FROM runs").fetchall())
     assert statuses["run-dead"] == "crashed"
     assert sum(status == "finished" for status in statuses.values()) == 10
+
+
+def test_harvest_summary_names_damaged_file(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    seeded = seed_small_files(store, 12)
+    damaged = store / "responses" / seeded[0]
+    damaged.write_bytes(damaged.read_bytes()[:500])
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 1)
+
+    with FaultServer() as server:
+        result = CliRunner().invoke(cli, harvest_args(prompts, store, server.base_url))
+
+    assert result.exit_code == 0, result.output
+    assert "1 damaged files left alone (run `pipeline check`)" in result.output
+    assert damaged.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def command(store_path: Path, target_rows: int, small_file_rows: int) -> None:
     config = CompactConfig(target_rows=target_rows, small_file_rows=small_file_rows)
     try:
         report = compact_store(store_path, config)
+    except KeyboardInterrupt:
+        click.echo("compact interrupted; no row was lost, run pipeline compact again to finish", err=True)
+        sys.exit(128 + signal.SIGINT)
     except DamagedFileError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

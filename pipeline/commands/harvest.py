@@ -225,6 +225,8 @@ def format_compaction(report: CompactReport, seconds: float) -> str:
             )
         else:
             parts.append(f"{table.table} {table.files_after} files, nothing to merge")
+        if table.damaged_skipped:
+            parts[-1] += f", {len(table.damaged_skipped)} damaged files left alone (run `pipeline check`)"
     return f"  compact    {'; '.join(parts)} ({seconds:.1f} s)"
 
 
