@@ -235,7 +235,9 @@ class Trainer:
         while self.step < config.steps and self._stop_signal is None:
             self._train_step(window)
             self.step += 1
-            if self.step % config.log_every == 0 or self.step == config.steps:
+            # Step 1 is logged on its own, so the summary's first loss is the starting
+            # loss even when the run is shorter than two logging windows.
+            if self.step == 1 or self.step % config.log_every == 0 or self.step == config.steps:
                 self._log_window(window)
                 window = _Window()
             if self._stop_signal is not None:
