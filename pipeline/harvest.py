@@ -82,8 +82,8 @@ READ_BATCH_LINES = 256
 QUEUE_ITEMS_PER_WORKER = 2
 # Pending rows are committed to a Parquet file at least this often, and when 256 are
 # pending. Every row is journaled first, so the interval bounds how late rows show in
-# queries during a run, not what a crash loses. At 2 s a teacher answering 2.5 requests
-# per second left a file of about 5 rows every 2 s; compaction merges them after the run.
+# queries during a run, not what a crash loses. At 2 s, a teacher that returned 2.5
+# responses per second left a file of about 5 rows every 2 s until compaction merged them.
 FLUSH_INTERVAL_S = 30.0
 # Invalid prompt lines logged one by one; the rest are only counted and stored.
 INVALID_LINES_LOGGED = 20

@@ -28,9 +28,9 @@ metadata key, so every file is decoded by its own rule:
   bytes equal to the token's UTF-8 are stored as NULL. Decoding swaps back: NULL
   becomes the token's UTF-8, the token's UTF-8 becomes NULL, anything else stays. A
   token that is NULL keeps its bytes as given. This part is lossless and adds no
-  column. Flag columns were measured and dropped: a boolean leaf per alternative under
+  column. Flag columns were measured and dropped. A boolean leaf per alternative under
   ``top_logprobs`` added about 4 ms of Parquet writer CPU per 256-row file (15 % of
-  the write), and two flag columns made DuckDB's ``read_parquet`` of one scalar column
+  the write). Two flag columns made DuckDB's ``read_parquet`` of one scalar column
   over 300 files of 1,000 rows 5 to 8 % slower (2-core VM, pyarrow 26, DuckDB 2.0.1).
 
 NOTE: with the ``float32`` encoding the stored columns have the same types as

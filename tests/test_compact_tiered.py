@@ -169,7 +169,7 @@ def test_many_runs_keep_few_files(tmp_path: Path) -> None:
         report = compact_tiered(store.root, SMALL_TIERS)
         listing = list_table_files(store.root, "responses")
 
-        # Full-size files are never rewritten, and each tier holds fewer than fanout files.
+        # Full-size files are never rewritten, and each tier has fewer than fanout files.
         names = {f.path.name for f in listing.files}
         assert full_size <= names
         full_size |= {f.path.name for f in listing.files if SMALL_TIERS.tier(f.num_rows) == 0}
